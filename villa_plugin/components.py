@@ -1,0 +1,10 @@
+"""Imports every built-in module that registers components.
+
+The registry imports this module lazily on the first look-up, so ``import villa_plugin`` stays
+cheap. Add one import line per registering module (keep the list sorted by package).
+"""
+# isort: off
+import villa_plugin.losses  # noqa: F401
+import villa_plugin.metrics  # noqa: F401
+import villa_plugin.distributed  # noqa: F401
+# isort: on

@@ -1,0 +1,1 @@
+from villa_plugin.datasets.base import BaseDataset, BaseDatasetBuilder  # noqa: F401

@@ -1,0 +1,1 @@
+from villa_plugin.distributed.base import SingleProcessStrategy, Strategy  # noqa: F401
