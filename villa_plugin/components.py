@@ -6,5 +6,10 @@ cheap. Add one import line per registering module (keep the list sorted by packa
 # isort: off
 import villa_plugin.losses  # noqa: F401
 import villa_plugin.metrics  # noqa: F401
+import villa_plugin.optim  # noqa: F401
 import villa_plugin.distributed  # noqa: F401
+import villa_plugin.datasets.builders.vqa  # noqa: F401
+import villa_plugin.adversarial.losses  # noqa: F401
+import villa_plugin.models.registered  # noqa: F401
+import villa_plugin.trainers  # noqa: F401
 # isort: on

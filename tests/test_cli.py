@@ -1,0 +1,195 @@
+"""mmf_run (villa_plugin.cli.run): the run steps, error paragraphs and exit codes.
+
+The trainer is a test-only one registered under ``TRAINER`` (the core trainers may not exist yet);
+the model and dataset are test-only registrations without defaults YAML.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from villa_plugin import cli
+from villa_plugin.common.errors import DataError
+from villa_plugin.datasets.base import BaseDatasetBuilder
+from villa_plugin.models.base_model import BaseModel
+from villa_plugin.registry import registry
+
+TRAINER = "tst_cli_trainer"
+LAUNCH_MODULE = "villa_plugin.distributed.launch"
+
+
+class RecordingTrainer:
+    """Records the config it was built with and whether run() was called; can raise on demand."""
+
+    instances: list = []
+    raise_in_run = None
+
+    def __init__(self, config):
+        self.config = config
+        self.ran = False
+        self.random_draw = torch.rand(1).item()  # seeded by mmf_run before the trainer exists
+        RecordingTrainer.instances.append(self)
+
+    def run(self):
+        logging.getLogger("tst.trainer").info("trainer running")
+        if RecordingTrainer.raise_in_run is not None:
+            raise RecordingTrainer.raise_in_run
+        self.ran = True
+
+
+class _Model(BaseModel):
+    pass
+
+
+class _Builder(BaseDatasetBuilder):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def setup(monkeypatch, tmp_path):
+    """Test components registered, the run inside tmp_path, no distributed launch module."""
+    monkeypatch.delenv("MMF_USER_DIR", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, LAUNCH_MODULE, None)  # import fails as if absent
+    registry.names("model")
+    tables = {kind: dict(table) for kind, table in registry._tables.items()}
+    registry.register_trainer(TRAINER, override=True)(RecordingTrainer)
+    registry.register_model("tst_cli_model", override=True)(_Model)
+    registry.register_builder("tst_cli_data", override=True)(_Builder)
+    RecordingTrainer.instances = []
+    RecordingTrainer.raise_in_run = None
+    yield
+    for kind, table in registry._tables.items():
+        table.clear()
+        table.update(tables[kind])
+
+
+def base_args(tmp_path, *extra):
+    return [
+        "model=tst_cli_model",
+        "dataset=tst_cli_data",
+        f"training.trainer={TRAINER}",
+        f"env.save_dir={tmp_path / 'run'}",
+        "training.device=cpu",
+        *extra,
+    ]
+
+
+def test_run_builds_saves_logs_and_runs_trainer(tmp_path, capsys):
+    assert cli.run(base_args(tmp_path, "run_type=train_inference", "training.seed=3")) == 0
+    (trainer,) = RecordingTrainer.instances
+    assert trainer.ran and trainer.config.run_type == "train_inference"
+    assert trainer.config.model == "tst_cli_model"
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert saved.training.trainer == TRAINER and saved.training.seed == 3
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "trainer running" in log and "Config saved to" in log
+    assert log.splitlines()[0][:4].isdigit()  # lines start with a timestamp
+    assert "trainer running" in capsys.readouterr().out  # console logging too
+    assert registry.get("current_device") == torch.device("cpu")
+
+
+def test_seed_is_applied_before_the_trainer(tmp_path):
+    cli.run(base_args(tmp_path, "training.seed=11"))
+    cli.run(base_args(tmp_path, "training.seed=11"))
+    cli.run(base_args(tmp_path, "training.seed=12"))
+    draws = [t.random_draw for t in RecordingTrainer.instances]
+    assert draws[0] == draws[1] != draws[2]
+
+
+def test_random_seed_is_logged_and_saved_for_reruns(tmp_path):
+    assert cli.run(base_args(tmp_path, "training.seed=-1")) == 0
+    saved = tmp_path / "run" / "config.yaml"
+    seed = OmegaConf.load(saved).training.seed
+    assert seed >= 0 and f"seed: {seed}" in (tmp_path / "run" / "train.log").read_text()
+    # rerunning the saved config repeats the run, random seed included
+    assert cli.run([f"config={saved}"]) == 0
+    first, second = RecordingTrainer.instances
+    assert second.config.training.seed == seed and second.random_draw == first.random_draw
+    assert OmegaConf.to_container(second.config, resolve=True) == OmegaConf.to_container(first.config, resolve=True)
+
+
+def _one_paragraph_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("mmf_run: error: ") and "Traceback" not in err
+    assert "\n\n" not in err.strip()
+    return err
+
+
+def test_config_error_is_one_paragraph_exit_1(tmp_path, capsys):
+    assert cli.run(base_args(tmp_path, "training.max_udpates=5")) == 1
+    err = _one_paragraph_error(capsys)
+    assert '"training.max_udpates"' in err and 'Did you mean "training.max_updates"?' in err
+    assert RecordingTrainer.instances == []
+
+
+def test_several_config_errors_still_one_paragraph(tmp_path, capsys):
+    assert cli.run(base_args(tmp_path, "training.max_udpates=5", "training.seed=x")) == 1
+    err = _one_paragraph_error(capsys)
+    assert "2 problems" in err and "training.seed" in err
+
+
+def test_unknown_trainer_is_a_user_error(tmp_path, capsys):
+    assert cli.run(base_args(tmp_path, "training.trainer=tst_cli_trainr")) == 1
+    err = _one_paragraph_error(capsys)
+    assert 'Unknown trainer "tst_cli_trainr"' in err and f'Did you mean "{TRAINER}"?' in err
+
+
+def test_missing_model_selection(tmp_path, capsys):
+    assert cli.run([f"training.trainer={TRAINER}", "dataset=tst_cli_data"]) == 1
+    assert "No model selected" in _one_paragraph_error(capsys)
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert cli.run(["config=nothing.yaml"]) == 1
+    assert f'"nothing.yaml" not found (looked at: {tmp_path / "nothing.yaml"}' in _one_paragraph_error(capsys)
+
+
+def test_invalid_run_type(tmp_path, capsys):
+    assert cli.run(base_args(tmp_path, "run_type=tarin")) == 1
+    assert 'Invalid run_type "tarin"' in _one_paragraph_error(capsys)
+
+
+def test_user_error_from_trainer_exit_1(tmp_path, capsys):
+    RecordingTrainer.raise_in_run = DataError("annotation file /x/y.json is missing")
+    assert cli.run(base_args(tmp_path)) == 1
+    assert "annotation file /x/y.json is missing" in _one_paragraph_error(capsys)
+
+
+def test_unexpected_error_prints_traceback_exit_2(tmp_path, capsys):
+    RecordingTrainer.raise_in_run = RuntimeError("bug in the loop")
+    assert cli.run(base_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: bug in the loop" in err
+
+
+def test_bad_device_is_a_user_error(tmp_path, capsys):
+    assert cli.run(base_args(tmp_path, "training.device=tpu")) == 1
+    assert 'training.device="tpu"' in _one_paragraph_error(capsys)
+
+
+def test_distributed_setup_is_called_when_the_module_exists(tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType(LAUNCH_MODULE)
+    fake.setup = lambda config: calls.append(config.training.trainer)
+    monkeypatch.setitem(sys.modules, LAUNCH_MODULE, fake)
+    assert cli.run(base_args(tmp_path)) == 0
+    assert calls == [TRAINER]
+
+
+def test_help(capsys):
+    assert cli.run(["--help"]) == 0
+    assert "usage: mmf_run config=<yaml>" in capsys.readouterr().out
+
+
+def test_logging_handlers_are_removed_after_run(tmp_path):
+    before = list(logging.getLogger().handlers)
+    cli.run(base_args(tmp_path))
+    cli.run(base_args(tmp_path, "training.max_udpates=1"))
+    assert logging.getLogger().handlers == before

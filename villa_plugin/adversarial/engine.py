@@ -1,0 +1,261 @@
+"""The free adversarial training loop of VILLA (one micro-batch), in two equivalent formulations.
+
+Per micro-batch with K = ``adv_steps`` and δ_0 = 0 (or FreeLB's random start), the parameter
+gradients accumulated in ``.grad`` are::
+
+    (1/K) Σ_{t=0}^{K-1} ∇θ [ task(f(x+δ_t), y) + α · KLRED(SymKL(f(x), f(x+δ_t))) ]
+
+(``alter``: each step has two forwards, one per perturbed modality, and the divisor is 2K) with
+``δ_{t+1} = proj(δ_t + lr · g_t/‖g_t‖)``, g_t = ∇δ of the step loss, and the gradient flowing
+through the clean logits f(x) as well (villa-algorithm.md §3).
+
+- ``official``: the clean graph is retained and back-propagated on each of the K backwards.
+- ``exact``: steps 0..K-2 use a detached leaf copy c̃ of the clean logits as the KL reference; the
+  last backward adds the surrogate ``(z_c · c̃.grad).sum()`` so the clean branch is back-propagated
+  once (§8). ``backward`` may scale the loss (GradScaler) or apply any other constant factor s:
+  the engine measures s with a zero-valued probe added to the first step's loss (its gradient is
+  s) and divides c̃.grad by it, so the result is exact for any linear ``backward``.
+- ``kl_detach_clean``: clean logits computed under ``no_grad`` (opt-in, NOT equivalent).
+
+Sync rules (distributed.md §7): the clean forward and steps 0..K-2 run inside
+``sync_context(False)``, the last step's forward and backward inside
+``sync_context(is_last_micro_batch)``. No ``.item()`` is called: statistics stay on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from villa_plugin.adversarial.config import AdversarialConfig
+from villa_plugin.adversarial.losses import get_kl_reduction, symmetric_kl
+from villa_plugin.adversarial.perturbation import (
+    MODALITIES,
+    ascent_step,
+    init_delta,
+    modality_masks,
+    perturbation_shapes,
+    row_norms,
+)
+
+Backward = Callable[..., Any]  # backward(loss, retain_graph=False)
+SyncContext = Callable[[bool], ContextManager]
+
+
+def task_loss_of(output: Dict[str, Any]) -> torch.Tensor:
+    """The task loss of a model output: the sum of ``output["losses"].values()``."""
+    losses = output.get("losses") if isinstance(output, dict) else None
+    if not losses:
+        raise ValueError(
+            "The model output has no 'losses': adversarial training needs the task loss. Configure "
+            "model_config.<model>.losses and make sure the training batch carries 'targets'."
+        )
+    return sum(losses.values())
+
+
+class FreeATEngine:
+    """Runs VILLA's clean forward + K ascent steps for one micro-batch; see the module docstring.
+
+    ``step`` leaves the accumulated parameter gradients in ``.grad`` and returns detached
+    statistics. The model is called as ``model(batch)`` for the clean pass and
+    ``model(batch, perturbation={"text": δ_txt | None, "image": δ_img | None})`` for perturbed ones;
+    it stays in whatever mode the caller set (train mode: dropout active in every forward).
+    """
+
+    def __init__(self, adv_config: AdversarialConfig):
+        if not isinstance(adv_config, AdversarialConfig):
+            adv_config = AdversarialConfig.from_dict(adv_config)
+        self.config = adv_config
+
+    def step(
+        self,
+        model: nn.Module,
+        batch: Any,
+        *,
+        backward: Backward,
+        sync_context: Optional[SyncContext] = None,
+        is_last_micro_batch: bool = True,
+        kl_reduction: str = "mean_times_classes",
+        shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+        forward_context: Optional[Callable[[], ContextManager]] = None,
+        unwrap: Optional[Callable[[nn.Module], nn.Module]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch; returns detached statistics.
+
+        - ``backward(loss, retain_graph=False)``: back-propagates ``loss`` (applying the grad scaler).
+        - ``sync_context(is_last)``: context for gradient sync (no-sync unless ``is_last``).
+        - ``kl_reduction``: ``mean_times_classes`` | ``sum_classes_mean`` | ``mean`` (the model's
+          ``kl_reduction``).
+        - ``shapes``: ``{"text": (B, Lt, H), "image": (B, Nb, 2048)}``; default: asked from the
+          unwrapped model (``unwrap`` or the ``.module`` chain).
+        - ``forward_context()``: wraps every model call (e.g. autocast); backward runs outside it.
+        - ``generator``: RNG for the random start when ``adv_init_mag > 0``.
+
+        Returned keys: ``loss`` (mean per-forward objective task + α·KL), ``task_loss``, ``kl``
+        (means over the perturbed forwards), ``clean_task_loss`` (the clean forward's loss) and,
+        with adversaries, ``delta_norm_<modality>`` (mean row L2 norm of the last δ) and
+        ``ascent_skips`` (δ updates skipped for a non-finite gradient).
+        """
+        sync_context = sync_context or (lambda is_last: contextlib.nullcontext())
+        forward_context = forward_context or contextlib.nullcontext
+        if not self.config.adv_training:
+            return self._plain_step(model, batch, backward, sync_context, is_last_micro_batch, forward_context)
+        run = _Run(self.config, model, batch, backward, forward_context, get_kl_reduction(kl_reduction))
+        shapes = shapes if shapes is not None else perturbation_shapes(model, batch, unwrap)
+        run.init_deltas(shapes, generator)
+        steps = self.config.adv_steps
+        with sync_context(False):
+            run.clean_forward()
+            for t in range(steps - 1):
+                run.ascent_step(t)
+        with sync_context(is_last_micro_batch):
+            run.ascent_step(steps - 1)
+        return run.stats()
+
+    @staticmethod
+    def _plain_step(model, batch, backward, sync_context, is_last_micro_batch, forward_context):
+        # adv_training=false: exactly the plain trainer's forward + backward, nothing extra.
+        with sync_context(is_last_micro_batch):
+            with forward_context():
+                output = model(batch)
+            loss = task_loss_of(output)
+            backward(loss)
+        loss = loss.detach()
+        return {"loss": loss, "task_loss": loss}
+
+
+class _Run:
+    """State of one micro-batch: deltas, clean logits, accumulated statistics."""
+
+    def __init__(self, config: AdversarialConfig, model, batch, backward, forward_context, reduce_kl):
+        self.cfg = config
+        self.model = model
+        self.batch = batch
+        self.backward = backward
+        self.forward_context = forward_context
+        self.reduce_kl = reduce_kl
+        self.active: List[str] = [m for m in MODALITIES if m in config.adv_modality]
+        self.detach_clean = config.kl_detach_clean
+        self.exact = config.formulation == "exact" and not self.detach_clean
+        self.forwards_per_step = 2 if config.alter else 1
+        self.deltas: Dict[str, torch.Tensor] = {}
+        self.z_clean: Optional[torch.Tensor] = None
+        self.clean_leaf: Optional[torch.Tensor] = None
+        self.scale_probe: Optional[torch.Tensor] = None
+        self.device = _batch_device(batch, model)
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.task_sum, self.kl_sum, self.clean_task = zero.clone(), zero.clone(), zero.clone()
+        self.skips = torch.zeros((), dtype=torch.long, device=self.device)
+
+    # -- set-up ---------------------------------------------------------------------------
+    def init_deltas(self, shapes: Dict[str, Tuple[int, ...]], generator) -> None:
+        missing = [m for m in self.active if m not in shapes]
+        if missing:
+            raise ValueError(
+                f"adv_modality perturbs {missing} but the model's perturbation_shapes gives only "
+                f"{sorted(shapes)}; use a modality the model supports."
+            )
+        masks = modality_masks(self.batch, shapes) if self.cfg.adv_init_mag > 0 else {}
+        for m in self.active:
+            self.deltas[m] = init_delta(
+                shapes[m],
+                device=self.device,
+                norm_type=self.cfg.norm_type,
+                init_mag=self.cfg.adv_init_mag,
+                mask=masks.get(m),
+                generator=generator,
+            )
+
+    def clean_forward(self) -> None:
+        grad_mode = torch.no_grad() if self.detach_clean else contextlib.nullcontext()
+        with grad_mode, self.forward_context():
+            output = self.model(self.batch)
+        z = output["scores"]
+        if output.get("losses"):
+            self.clean_task = task_loss_of(output).detach().float()
+        if self.detach_clean:
+            z = z.detach()
+        elif self.exact and self.cfg.adv_steps > 1:
+            self.clean_leaf = z.detach().float().requires_grad_()
+        self.z_clean = z
+
+    # -- one ascent step --------------------------------------------------------------------
+    def ascent_step(self, t: int) -> None:
+        last = t == self.cfg.adv_steps - 1
+        reference = self.clean_leaf if (self.clean_leaf is not None and not last) else self.z_clean
+        loss = None
+        for perturbation in self._perturbations():
+            with self.forward_context():
+                output = self.model(self.batch, perturbation=perturbation)
+            task = task_loss_of(output)
+            kl = self.reduce_kl(symmetric_kl(output["scores"], reference))
+            self.task_sum += task.detach().float()
+            self.kl_sum += kl.detach().float()
+            term = task + self.cfg.adv_kl_weight * kl
+            loss = term if loss is None else loss + term
+        loss = loss / (self.cfg.adv_steps * self.forwards_per_step)
+        if self.clean_leaf is not None and t == 0:
+            # Zero-valued probe: its gradient is the factor s that backward() applies (GradScaler).
+            self.scale_probe = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+            loss = loss + self.scale_probe
+        if last:
+            loss = self._add_clean_surrogate(loss)
+        retain = not last and not self.exact and not self.detach_clean
+        if retain:
+            self.backward(loss, retain_graph=True)
+        else:
+            self.backward(loss)
+        if not last:
+            self._update_deltas()
+
+    def _perturbations(self) -> List[Dict[str, Optional[torch.Tensor]]]:
+        if self.cfg.alter:
+            return [{"text": self.deltas["text"], "image": None}, {"text": None, "image": self.deltas["image"]}]
+        return [{m: self.deltas.get(m) for m in MODALITIES}]
+
+    def _add_clean_surrogate(self, loss: torch.Tensor) -> torch.Tensor:
+        leaf = self.clean_leaf
+        if leaf is None or leaf.grad is None or self.scale_probe is None or self.scale_probe.grad is None:
+            return loss
+        upstream = leaf.grad / self.scale_probe.grad  # undo backward's factor: exact for powers of 2
+        return loss + (self.z_clean.float() * upstream).sum()
+
+    def _update_deltas(self) -> None:
+        for m in self.active:
+            delta = self.deltas[m]
+            self.deltas[m], skipped = ascent_step(
+                delta,
+                delta.grad,
+                self.cfg.lr_for(m),
+                norm_type=self.cfg.norm_type,
+                max_norm=self.cfg.adv_max_norm,
+            )
+            self.skips += skipped
+
+    # -- results ----------------------------------------------------------------------------
+    def stats(self) -> Dict[str, torch.Tensor]:
+        n = float(self.cfg.adv_steps * self.forwards_per_step)
+        task, kl = self.task_sum / n, self.kl_sum / n
+        out = {
+            "loss": task + self.cfg.adv_kl_weight * kl,
+            "task_loss": task,
+            "kl": kl,
+            "clean_task_loss": self.clean_task,
+            "ascent_skips": self.skips,
+        }
+        for m, delta in self.deltas.items():
+            out[f"delta_norm_{m}"] = row_norms(delta, "l2").mean()
+        return out
+
+
+def _batch_device(batch: Any, model: nn.Module) -> torch.device:
+    values = batch.values() if hasattr(batch, "values") else []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")

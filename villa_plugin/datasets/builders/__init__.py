@@ -1,0 +1,1 @@
+"""One builder module per task; each registers itself when villa_plugin.components imports it."""

@@ -1,0 +1,301 @@
+"""A small, deterministic VQA dataset in the real on-disk formats (the bundled demo).
+
+Each image holds 1-6 coloured shapes, 0-10 shapeless "clutter" regions and some low-confidence
+background regions. A region's 2048-d feature is a sparse non-negative code: the sum of its
+shape's and colour's prototypes (disjoint blocks of dimensions) plus noise, so the answer to
+
+- "what color is the <shape>?"        (colour of the only <shape>)
+- "what shape is the <color> object?" (shape of the only <color> object)
+- "how many <shape>s are there?"      (0-3)
+- "is there a <color> <shape>?"       (yes / no)
+
+is a deterministic function of the question words *and* the regions: neither alone answers it.
+
+Written files (under ``root``, e.g. ``<env.cache_dir>/demo/vqa_v1``)::
+
+    vocab.txt, ans2label.json, VERSION.json
+    questions_{split}.json, annotations_{split}.json (train, val; test has no annotations)
+    img_db/demo_{split}/feat_th0.2_max100_min10_compressed/ + nbb_th0.2_max100_min10.json
+
+Materialisation is idempotent and atomic (a temp dir renamed into place, a version stamp).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from villa_plugin.datasets.features import write_img_db
+
+VERSION = 1
+SEED = 20200601
+SHAPES = ["circle", "square", "triangle", "star", "heart", "cross"]
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
+COUNTS = ["0", "1", "2", "3"]
+ANSWERS = ["yes", "no"] + COLORS + SHAPES + COUNTS
+SPLITS = {"train": 2000, "val": 300, "test": 300}  # questions per split
+QUESTIONS_PER_IMAGE = 4
+FEAT_DIM = 2048
+FEATURE_SETTINGS = {"conf_th": 0.2, "max_bb": 100, "min_bb": 10, "num_bb": 36, "compressed": True}
+KEY_FORMAT = "demo_{subtype}_{image_id:012d}.npz"
+
+TEMPLATES = {
+    "color_of_shape": ["what color is the {shape}?", "what is the color of the {shape}?",
+                       "which color does the {shape} have?"],
+    "shape_of_color": ["what shape is the {color} object?", "which shape is {color}?",
+                       "what is the shape of the {color} object?"],
+    "count": ["how many {shapes} are there?", "how many {shapes} are in the image?",
+              "what is the number of {shapes}?"],
+    "exists": ["is there a {color} {shape}?", "is there a {color} {shape} in the picture?",
+               "can you see a {color} {shape}?"],
+}
+ANSWER_TYPES = {"color_of_shape": "other", "shape_of_color": "other", "count": "number", "exists": "yes/no"}
+_PROTO_BLOCK = 64
+
+
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+# -- vocabulary ----------------------------------------------------------------------------------
+def vocab_tokens() -> List[str]:
+    """The demo's uncased WordPiece vocabulary (specials first; letters make every word tokenisable)."""
+    words = set()
+    for templates in TEMPLATES.values():
+        for t in templates:
+            words.update(re.sub(r"\{\w+\}|\?", " ", t).split())
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "!", "?", ".", ","]
+    tokens += sorted(words | set(SHAPES) | set(COLORS))
+    tokens += ["##s", "##es"] + [str(d) for d in range(10)]
+    tokens += [c for c in letters if c not in tokens] + [f"##{c}" for c in letters]
+    return tokens
+
+
+# -- region features -----------------------------------------------------------------------------
+def prototypes() -> Dict[str, np.ndarray]:
+    """One sparse non-negative 2048-d prototype per shape, colour, 'clutter' and 'background'."""
+    names = [f"shape:{s}" for s in SHAPES] + [f"color:{c}" for c in COLORS] + ["clutter", "background"]
+    rng = np.random.default_rng(SEED)
+    dims = rng.permutation(FEAT_DIM)[: len(names) * _PROTO_BLOCK].reshape(len(names), _PROTO_BLOCK)
+    out = {}
+    for name, block in zip(names, dims):
+        vec = np.zeros(FEAT_DIM, dtype=np.float32)
+        vec[block] = rng.uniform(1.0, 2.0, size=_PROTO_BLOCK)
+        out[name] = vec
+    return out
+
+
+def decode_region(feat: np.ndarray, protos: Optional[Dict[str, np.ndarray]] = None) -> Tuple[str, ...]:
+    """Read a region back: ``('object', shape, color)``, ``('clutter',)`` or ``('background',)``."""
+    protos = protos or prototypes()
+    feat = np.asarray(feat, dtype=np.float32)
+    score = {name: float(feat[p > 0].mean()) for name, p in protos.items()}
+    best_shape = max(SHAPES, key=lambda s: score[f"shape:{s}"])
+    best_color = max(COLORS, key=lambda c: score[f"color:{c}"])
+    if score[f"shape:{best_shape}"] > 0.5 and score[f"color:{best_color}"] > 0.5:
+        return ("object", best_shape, best_color)
+    return ("clutter",) if score["clutter"] > score["background"] else ("background",)
+
+
+def _image(rng: np.random.Generator, protos: Dict[str, np.ndarray]):
+    """One image: its objects [(shape, color)] and its region record (sorted by confidence)."""
+    while True:
+        n_obj = int(rng.integers(1, 7))
+        shapes = rng.choice(len(SHAPES), size=n_obj)
+        if max(Counter(shapes.tolist()).values()) <= 3:
+            break
+    colors = rng.choice(len(COLORS), size=n_obj)
+    objects = [(SHAPES[s], COLORS[c]) for s, c in zip(shapes, colors)]
+    n_clutter = int(rng.integers(0, 11))
+    n_bg = max(0, FEATURE_SETTINGS["min_bb"] - n_obj - n_clutter) + int(rng.integers(0, 4))
+    feats, confs, boxes = [], [], []
+    for kind_count, kind in ((n_obj, "object"), (n_clutter, "clutter"), (n_bg, "background")):
+        for j in range(kind_count):
+            if kind == "object":
+                vec = protos[f"shape:{objects[j][0]}"] + protos[f"color:{objects[j][1]}"]
+                conf, size = rng.uniform(0.6, 0.99), (0.1, 0.35)
+            elif kind == "clutter":
+                vec, conf, size = protos["clutter"].copy(), rng.uniform(0.25, 0.55), (0.05, 0.3)
+            else:
+                vec, conf, size = 0.5 * protos["background"], rng.uniform(0.01, 0.18), (0.4, 1.0)
+            noise = np.zeros(FEAT_DIM, dtype=np.float32)
+            idx = rng.choice(FEAT_DIM, size=FEAT_DIM // 20, replace=False)
+            noise[idx] = np.abs(rng.normal(0.0, 0.3, size=idx.size))
+            feats.append(vec + noise)
+            confs.append(conf)
+            w, h = rng.uniform(*size, size=2)
+            x1, y1 = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+            boxes.append([x1, y1, x1 + w, y1 + h, w, h])
+    order = np.argsort(-np.asarray(confs), kind="stable")
+    record = {
+        "features": np.asarray(feats, dtype=np.float32)[order],
+        "norm_bb": np.asarray(boxes, dtype=np.float32)[order],
+        "conf": np.asarray(confs, dtype=np.float32)[order][:, None],
+    }
+    return objects, record
+
+
+# -- questions -----------------------------------------------------------------------------------
+def answer_from(question: str, objects: Sequence[Tuple[str, str]]) -> str:
+    """The demo's ground truth: the answer to ``question`` about ``objects`` [(shape, color)]."""
+    q = question.lower()
+    shape = next((s for s in SHAPES if re.search(rf"\b{s}(e?s)?\b", q)), None)
+    color = next((c for c in COLORS if re.search(rf"\b{c}\b", q)), None)
+    if q.startswith("how many") or q.startswith("what is the number"):
+        return str(sum(1 for s, _ in objects if s == shape))
+    if q.startswith("is there") or q.startswith("can you see"):
+        return "yes" if (shape, color) in set(objects) else "no"
+    if shape is not None and "color" in q:
+        return next(c for s, c in objects if s == shape)
+    if color is not None and "shape" in q:
+        return next(s for s, c in objects if c == color)
+    raise ValueError(f"not a demo question: {question!r}")
+
+
+def _questions_for(rng: np.random.Generator, objects, n: int) -> List[Tuple[str, str, str]]:
+    """``n`` (question_type, question, answer) triples about one image."""
+    shape_counts = Counter(s for s, _ in objects)
+    color_counts = Counter(c for _, c in objects)
+    unique_shapes = [s for s in SHAPES if shape_counts[s] == 1]
+    unique_colors = [c for c in COLORS if color_counts[c] == 1]
+    out = []
+    for qtype in [list(TEMPLATES)[i] for i in rng.permutation(len(TEMPLATES))] * 2:
+        if len(out) == n:
+            break
+        slots: Dict[str, str] = {}
+        if qtype == "color_of_shape":
+            if not unique_shapes:
+                continue
+            slots["shape"] = unique_shapes[int(rng.integers(len(unique_shapes)))]
+        elif qtype == "shape_of_color":
+            if not unique_colors:
+                continue
+            slots["color"] = unique_colors[int(rng.integers(len(unique_colors)))]
+        elif qtype == "count":
+            pool = list(shape_counts) if rng.random() < 0.6 else SHAPES
+            slots["shapes"] = plural(pool[int(rng.integers(len(pool)))])
+        else:
+            if rng.random() < 0.5:
+                slots["shape"], slots["color"] = objects[int(rng.integers(len(objects)))]
+            else:
+                present = set(objects)
+                absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present
+                          and (shape_counts[s] or color_counts[c])]  # hard negatives: half-true
+                slots["shape"], slots["color"] = absent[int(rng.integers(len(absent)))]
+        templates = TEMPLATES[qtype]
+        question = templates[int(rng.integers(len(templates)))].format(**slots)
+        out.append((qtype, question, answer_from(question, objects)))
+    return out
+
+
+def _annotator_answers(rng: np.random.Generator, qtype: str, answer: str) -> List[str]:
+    """Ten VQA-style annotator answers: mostly the truth, a few plausible mistakes (soft scores)."""
+    group = {"color_of_shape": COLORS, "shape_of_color": SHAPES, "count": COUNTS, "exists": ["yes", "no"]}[qtype]
+    n_wrong = int(rng.choice([0, 0, 0, 0, 1, 1, 2, 3]))
+    wrong = [a for a in group if a != answer]
+    return [answer] * (10 - n_wrong) + [wrong[int(rng.integers(len(wrong)))] for _ in range(n_wrong)]
+
+
+# -- writing -------------------------------------------------------------------------------------
+def paths(root: str) -> Dict[str, Any]:
+    """Where the demo's files are under ``root`` (whether or not they exist yet)."""
+    root = os.path.abspath(root)
+    split_paths = {}
+    for split in SPLITS:
+        split_paths[split] = {
+            "questions": os.path.join(root, f"questions_{split}.json"),
+            "annotations": os.path.join(root, f"annotations_{split}.json") if split != "test" else None,
+            "img_db": os.path.join(root, "img_db", f"demo_{split}"),
+        }
+    return {"root": root, "vocab": os.path.join(root, "vocab.txt"), "ans2label": os.path.join(root, "ans2label.json"),
+            "stamp": os.path.join(root, "VERSION.json"), "splits": split_paths, "img_key_format": KEY_FORMAT,
+            "lowercase": True, "num_answers": len(ANSWERS), **FEATURE_SETTINGS}
+
+
+def _stamp() -> Dict[str, Any]:
+    return {"name": "villa_plugin vqa demo", "version": VERSION, "seed": SEED, "splits": SPLITS}
+
+
+def _dump(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=None, sort_keys=True)
+
+
+def _write(root: str) -> None:
+    protos = prototypes()
+    p = paths(root)
+    with open(p["vocab"], "w", encoding="utf-8") as fh:
+        fh.write("\n".join(vocab_tokens()) + "\n")
+    _dump(p["ans2label"], {a: i for i, a in enumerate(ANSWERS)})
+    image_id = 0
+    for split_code, (split, n_questions) in enumerate(SPLITS.items()):
+        questions, annotations, records = [], [], []
+        while len(questions) < n_questions:
+            image_id += 1
+            rng = np.random.default_rng([SEED, split_code, image_id])
+            objects, record = _image(rng, protos)
+            records.append((KEY_FORMAT.format(subtype=split, image_id=image_id), record))
+            todo = min(QUESTIONS_PER_IMAGE, n_questions - len(questions))
+            for k, (qtype, question, answer) in enumerate(_questions_for(rng, objects, todo)):
+                qid = image_id * 1000 + k
+                questions.append({"image_id": image_id, "question": question, "question_id": qid})
+                answers = _annotator_answers(rng, qtype, answer)
+                annotations.append({
+                    "question_id": qid, "image_id": image_id, "question_type": qtype,
+                    "answer_type": ANSWER_TYPES[qtype], "multiple_choice_answer": answer,
+                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                                for j, a in enumerate(answers)],
+                })
+        info = {"description": "villa_plugin synthetic VQA demo", "version": VERSION}
+        _dump(p["splits"][split]["questions"], {"info": info, "task_type": "Open-Ended", "data_type": "demo",
+                                                "data_subtype": split, "questions": questions})
+        if p["splits"][split]["annotations"]:
+            _dump(p["splits"][split]["annotations"], {"info": info, "data_type": "demo", "data_subtype": split,
+                                                      "annotations": annotations})
+        settings = {k: FEATURE_SETTINGS[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")}
+        write_img_db(p["splits"][split]["img_db"], records, **settings)
+    _dump(p["stamp"], _stamp())
+
+
+def _is_current(root: str) -> bool:
+    try:
+        with open(os.path.join(root, "VERSION.json"), "r", encoding="utf-8") as fh:
+            return json.load(fh) == json.loads(json.dumps(_stamp()))
+    except (OSError, ValueError):
+        return False
+
+
+def materialise_demo(root: str) -> Dict[str, Any]:
+    """Write the demo under ``root`` unless a current copy is there; returns :func:`paths`.
+
+    The files are generated in a temp dir next to ``root`` and renamed into place, so a crash never
+    leaves a half-written dataset and concurrent callers (ranks) end with one complete copy.
+    """
+    root = os.path.abspath(root)
+    if _is_current(root):
+        return paths(root)
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)
+    try:
+        _write(tmp)
+        if os.path.exists(root) and not _is_current(root):
+            stale = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
+            os.rename(root, os.path.join(stale, "old"))
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not _is_current(root):  # someone else's copy must be complete, else it is an error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths(root)

@@ -1,0 +1,81 @@
+"""DataLoaders over a dataset split with the configured batch sampler (see samplers.py).
+
+Config keys: ``training.batching`` (fixed | token_bucket), ``training.batch_size`` (examples per
+process per micro-batch), ``training.batch_size_tokens`` (tokens per process per micro-batch),
+``training.num_workers`` / ``pin_memory`` / ``persistent_workers``. Evaluation splits use
+``evaluation.batch_size`` / ``evaluation.batch_size_tokens`` when set, else the training values.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from villa_plugin.common.errors import ConfigError
+from villa_plugin.datasets.samplers import FixedSizeBatchSampler, TokenBucketBatchSampler
+
+
+def _get(config: Any, dotted: str, default: Any = None) -> Any:
+    node = config
+    for part in dotted.split("."):
+        if node is None or not hasattr(node, "get"):
+            return default
+        node = node.get(part, None)
+    return default if node is None else node
+
+
+def build_batch_sampler(dataset, config: Any, split: str, rank: int = 0, world_size: int = 1, seed: int = 0):
+    """The batch sampler of ``split``: shuffled and truncated-to-equal-counts for ``train`` only."""
+    training = split == "train"
+    batching = str(_get(config, "training.batching", "fixed"))
+    common = dict(rank=rank, world_size=world_size, shuffle=training, drop_last=training, seed=seed)
+    if batching == "fixed":
+        size = _get(config, "training.batch_size") if training else _get(config, "evaluation.batch_size", _get(config, "training.batch_size"))
+        if not size or int(size) < 1:
+            raise ConfigError(f"training.batching=fixed needs a batch size >= 1 (training.batch_size / evaluation.batch_size), got {size}")
+        return FixedSizeBatchSampler(len(dataset), int(size), **common)
+    if batching == "token_bucket":
+        key = "training.batch_size_tokens" if training else "evaluation.batch_size_tokens"
+        tokens = _get(config, key) if training else _get(config, key, _get(config, "training.batch_size_tokens"))
+        if not tokens or int(tokens) < 1:
+            raise ConfigError(
+                f"training.batching=token_bucket needs {key} (tokens per process per micro-batch, padding "
+                f"included; UNITER's train_batch_size), got {tokens}"
+            )
+        lengths = list(dataset.lengths())
+        if len(lengths) != len(dataset):
+            raise ConfigError(f"{type(dataset).__name__}.lengths() gave {len(lengths)} lengths for {len(dataset)} examples")
+        return TokenBucketBatchSampler(lengths, int(tokens), **common)
+    raise ConfigError(f'training.batching must be "fixed" or "token_bucket", got "{batching}"')
+
+
+def build_loader(dataset, config: Any, split: str, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, start_batch: int = 0) -> DataLoader:
+    """A DataLoader over ``dataset`` with ``dataset.collate`` and the configured batch sampler,
+    positioned at ``epoch`` after ``start_batch`` batches."""
+    sampler = build_batch_sampler(dataset, config, split, rank, world_size, seed)
+    workers = int(_get(config, "training.num_workers", 0))
+    # A private generator: creating an iterator then never draws from the global torch RNG, which
+    # keeps resumed runs bit-identical to uninterrupted ones.
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=dataset.collate,
+        num_workers=workers,
+        pin_memory=bool(_get(config, "training.pin_memory", False)),
+        persistent_workers=bool(_get(config, "training.persistent_workers", False)) and workers > 0,
+        generator=torch.Generator(),
+    )
+    set_loader_epoch(loader, epoch, start_batch)
+    return loader
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Select the epoch (order and worker seeds) and skip ``start_batch`` batches of it."""
+    sampler = loader.batch_sampler
+    sampler.set_epoch(epoch, start_batch)
+    loader.generator.manual_seed(_worker_seed(sampler.seed, sampler.rank, epoch))
+
+
+def _worker_seed(seed: int, rank: int, epoch: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)

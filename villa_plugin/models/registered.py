@@ -1,0 +1,161 @@
+"""Registered models ``uniter`` (plain fine-tuning) and ``villa`` (adversarial): UNITER trunk + a task head.
+
+Both are the same class; ``villa`` differs only by its defaults (``adversarial.adv_training: true``
+with the official VQA-base values), so ``model=uniter`` on a VILLA experiment is the plain baseline.
+
+Model config (``model_config.<name>``, see ``configs/models/<name>/defaults.yaml``):
+
+- ``uniter_config``: ``base`` | ``large`` (the bundled official JSONs) | a path to a UNITER JSON;
+- ``architecture``: overrides of that JSON (``null`` keeps its value), e.g. a tiny
+  ``{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}``;
+- ``dropout``: p of every dropout in the trunk (the reference's ``set_dropout``; ``null`` keeps the
+  JSON's ``hidden_dropout_prob`` / ``attention_probs_dropout_prob``); it wins over ``architecture``;
+- ``head`` (``vqa``; see :mod:`villa_plugin.models.heads`) and ``num_labels`` (3129 for VQA);
+- ``pretrained_checkpoint``: official ``.pt`` / MMF / ``.safetensors`` file loaded in ``build()``;
+- ``losses``; ``adversarial`` (read by the ``villa_free_at`` trainer, not by the model).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from villa_plugin.common.errors import CheckpointError, ConfigError
+from villa_plugin.config.paths import bundled_path
+from villa_plugin.models.base_model import BaseModel
+from villa_plugin.models.checkpoint_keys import LoadReport, load_uniter_checkpoint
+from villa_plugin.models.heads import HeadSpec, build_head_module, get_head
+from villa_plugin.models.uniter import UniterConfig, UniterModel
+from villa_plugin.optim import build_param_groups
+from villa_plugin.registry import registry
+
+PERTURBATION_KEYS = ("text", "image")
+
+
+def _plain(config: Any) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(config):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config or {})
+
+
+@registry.register_model("uniter")
+class UNITER(BaseModel):
+    """UNITER trunk (``self.uniter``) plus one task head (``self.<head.module_name>``, e.g. ``vqa_output``).
+
+    After ``build()``: ``kl_reduction`` (the head's KL convention for VILLA), ``head_module_name``,
+    ``uniter_config`` (:class:`UniterConfig`) and ``load_report`` (a :class:`LoadReport` or None).
+    """
+
+    model_name = "uniter"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.load_report: Optional[LoadReport] = None
+
+    @classmethod
+    def config_path(cls) -> str:
+        return bundled_path(f"configs/models/{cls.model_name}/defaults.yaml")
+
+    def _key(self, key: str) -> str:
+        return f"model_config.{self.model_name}.{key}"
+
+    def build(self) -> None:
+        cfg = _plain(self.config)
+        overrides = dict(cfg.get("architecture") or {})
+        dropout = cfg.get("dropout", 0.1)
+        if dropout is not None:
+            if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
+                raise ConfigError(f"{self._key('dropout')} must be a probability in [0, 1) or null, got {dropout!r}.")
+            overrides.update(hidden_dropout_prob=float(dropout), attention_probs_dropout_prob=float(dropout))
+        try:
+            self.uniter_config = UniterConfig.from_name(str(cfg.get("uniter_config", "base")), overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{self._key('uniter_config')} / {self._key('architecture')}: {err}") from err
+        self.uniter = UniterModel(self.uniter_config)
+
+        self.head_spec: HeadSpec = get_head(str(cfg.get("head", "vqa")))
+        num_labels = cfg.get("num_labels", 3129)
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ConfigError(f"{self._key('num_labels')} must be a positive integer, got {num_labels!r}.")
+        self.head_module_name = self.head_spec.module_name
+        self.add_module(self.head_module_name, build_head_module(self.head_spec, self.uniter_config, num_labels, cfg))
+        self.kl_reduction = self.head_spec.kl_reduction
+
+        checkpoint = cfg.get("pretrained_checkpoint") or ""
+        if checkpoint:
+            path = os.path.expanduser(str(checkpoint))
+            if not os.path.isfile(path):
+                raise CheckpointError(
+                    f"{self._key('pretrained_checkpoint')} = {checkpoint}: file not found "
+                    f"(resolved to {os.path.abspath(path)}). Fix the path, or set it to \"\" "
+                    f"to start from random weights."
+                )
+            self.load_report = load_uniter_checkpoint(self, path, head_module=self.head_module_name)
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return getattr(self, self.head_module_name)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, sample_list, perturbation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """``{"scores": logits [B, num_labels]}``; ``perturbation`` = ``{"text": [B, Lt, H], "image": [B, Nb, 2048]}``
+        (either may be None or absent)."""
+        txt_delta, img_delta = self._split_perturbation(sample_list, perturbation)
+        sequence_output = self.uniter(
+            sample_list["input_ids"],
+            sample_list.get("position_ids"),
+            sample_list["img_feat"],
+            sample_list["img_pos_feat"],
+            sample_list["attn_masks"],
+            sample_list.get("gather_index"),
+            output_all_encoded_layers=False,
+            txt_type_ids=sample_list.get("txt_type_ids"),
+            img_type_ids=sample_list.get("img_type_ids"),
+            txt_delta=txt_delta,
+            img_delta=img_delta,
+        )
+        scores = self.head_spec.forward(self.head, self.uniter, sequence_output, sample_list)
+        return {"scores": scores}
+
+    def perturbation_shapes(self, sample_list) -> Dict[str, tuple]:
+        """``{"text": (B, Lt, H), "image": (B, Nb, 2048)}`` for this batch."""
+        input_ids, img_feat = sample_list["input_ids"], sample_list["img_feat"]
+        return {
+            "text": (int(input_ids.size(0)), int(input_ids.size(1)), self.uniter_config.hidden_size),
+            "image": (int(img_feat.size(0)), int(img_feat.size(1)), int(img_feat.size(2))),
+        }
+
+    def _split_perturbation(self, sample_list, perturbation):
+        if perturbation is None:
+            return None, None
+        if not isinstance(perturbation, dict) or set(perturbation) - set(PERTURBATION_KEYS):
+            keys = list(perturbation) if isinstance(perturbation, dict) else type(perturbation).__name__
+            raise ValueError(f"perturbation must be None or a dict with keys in {PERTURBATION_KEYS}, got {keys}")
+        shapes = self.perturbation_shapes(sample_list)
+        for key in PERTURBATION_KEYS:
+            delta = perturbation.get(key)
+            if delta is not None and tuple(delta.shape) != shapes[key]:
+                raise ValueError(f"perturbation['{key}'] has shape {tuple(delta.shape)}, expected {shapes[key]}")
+        return perturbation.get("text"), perturbation.get("image")
+
+    # -- optimizer ------------------------------------------------------------------------
+    def get_optimizer_parameters(self, optimizer_config) -> list:
+        """The reference's groups: [head decay, head no-decay, rest decay, rest no-decay] when
+        ``optimizer.lr_multipliers`` names the head (e.g. ``{vqa_output: 10}``); see ``villa_plugin.optim``."""
+        full_config = hasattr(optimizer_config, "get") and optimizer_config.get("params") is None
+        if full_config and optimizer_config.get("optimizer"):
+            optimizer_config = optimizer_config.get("optimizer")  # the full config was passed
+        return build_param_groups(self, optimizer_config)
+
+
+@registry.register_model("villa")
+class VILLA(UNITER):
+    """UNITER with VILLA's adversarial defaults (``configs/models/villa/defaults.yaml``)."""
+
+    model_name = "villa"
+
+
+__all__ = ["UNITER", "VILLA"]

@@ -1,0 +1,541 @@
+"""The ``mmf`` trainer: MMF's training loop with UNITER's update semantics.
+
+One update: ``strategy.zero_grad`` -> for each of ``update_frequency`` micro-batches
+``run_training_batch(batch, is_last_micro_batch)`` (forward + backward; gradients are summed over
+micro-batches, not averaged, as the reference) -> skip if any value was non-finite -> unscale ->
+clip (``strategy.clip_grad_norm``) -> optimizer step -> schedule step -> callbacks (logging,
+evaluation, early stopping, checkpoint, user callbacks).
+
+Subclasses (e.g. ``villa_free_at``) override only :meth:`run_training_batch`; it receives the batch
+already on the device and returns detached values to log (any keys).
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from villa_plugin.checkpoint import (
+    CheckpointFiles,
+    check_model_weights,
+    load_checkpoint,
+    map_prefixes,
+    model_weights,
+    rng_state,
+    set_rng_state,
+)
+from villa_plugin.common.errors import CheckpointError, ConfigError, TrainingError
+from villa_plugin.common.device import select_device
+from villa_plugin.common.logger import TrainingLogger, ensure_console_logging, get_logger
+from villa_plugin.common.sample_list import SampleList
+from villa_plugin.datasets.loader import build_loader, set_loader_epoch
+from villa_plugin.metrics import parse_metric_specs
+from villa_plugin.optim import build_optimizer, build_param_groups, build_scheduler, uses_default_param_groups
+from villa_plugin.registry import registry
+from villa_plugin.trainers.callbacks import EarlyStoppingCallback, build_callbacks
+from villa_plugin.distributed import build_strategy
+from villa_plugin.trainers.runtime import RunPlan, autocast, cfg, check_precision
+
+CHECKPOINT_FORMAT = 1
+
+
+@registry.register_trainer("mmf")
+class MMFTrainer:
+    """``MMFTrainer(config).run()``; ``config`` is the composed OmegaConf config."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.log = get_logger()
+        self.num_updates = 0
+        self.current_epoch = 0
+        self.batch_in_epoch = 0  # batches of the current epoch already consumed
+        self.nonfinite_skips = 0
+        self.last_update_examples = 0
+        self.stop_reason: Optional[str] = None
+        self.scheduler = None
+        self.scaler = None
+        self._train_iter = None
+
+    # ------------------------------------------------------------------------------------
+    # entry point
+    # ------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, float]:
+        """Do what ``run_type`` asks; returns the final evaluation values (if any)."""
+        plan = RunPlan.parse(self.config.run_type, cfg(self.config, "evaluation.predict", False))
+        self.setup(plan)
+        final: Dict[str, float] = {}
+        try:
+            if plan.train:
+                self.train()
+                self._restore_best_for_final_passes(plan)
+            for split, wanted in (("val", plan.val), ("test", plan.test)):
+                if wanted:
+                    report = self.evaluate(split)
+                    self.training_logger.log_eval(self.num_updates, report)
+                    final.update(report)
+            if plan.predict:
+                self.predict("test")
+        finally:
+            self.training_logger.close()
+        return final
+
+    # ------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------
+    def setup(self, plan: RunPlan) -> None:
+        config = self.config
+        self.plan = plan
+        self.device = select_device(cfg(config, "training.device", "auto"))
+        self.strategy = build_strategy(config, self.device)
+        self.is_main = self.strategy.is_main
+        self.save_dir = os.path.abspath(os.path.expanduser(str(cfg(config, "env.save_dir", "./save"))))
+        ensure_console_logging(self.is_main)
+        self.precision = check_precision(str(cfg(config, "training.precision", "fp32")), self.device)
+        seed = int(cfg(config, "training.seed", 0))
+        self.data_seed = seed if seed >= 0 else secrets.randbelow(2**31)
+        self.datasets = self._build_datasets(plan)
+        self.model, self.raw_model, self.optimizer = self._build_model_and_optimizer()
+        self.scaler = self.strategy.grad_scaler(self.precision)
+        self.metric_specs = parse_metric_specs(cfg(config, "evaluation.metrics", []))
+        self.update_frequency = int(cfg(config, "training.update_frequency", 1))
+        if plan.train:
+            self.train_dataset = next(iter(self.datasets["train"].values()))
+            self.train_loader = build_loader(
+                self.train_dataset, config, "train", self.strategy.rank, self.strategy.world_size, self.data_seed
+            )
+            self.max_updates = self._total_updates()
+            self.max_epochs = cfg(config, "training.max_epochs", None)
+            self.scheduler = build_scheduler(self.optimizer, config, num_training_steps=self.max_updates)
+        else:
+            self.max_updates, self.max_epochs = self.num_updates, None
+        self.checkpoint_files = CheckpointFiles(self.save_dir, int(cfg(config, "checkpoint.max_to_keep", 3)))
+        self.callbacks = build_callbacks(self, cfg(config, "training.callbacks", []))
+        self._restore_from_config()
+        self.training_logger = TrainingLogger(
+            self.is_main,
+            str(cfg(config, "training.log_format", "simple")),
+            self._tensorboard_dir(),
+            cfg(config, "training.progress_bar", "auto"),
+            self.max_updates if plan.train else None,
+            self.num_updates,
+        )
+
+    def _build_datasets(self, plan: RunPlan) -> Dict[str, Dict[str, Any]]:
+        """``{split: {dataset_name: dataset}}`` for the splits this run needs (train: one dataset)."""
+        names = cfg(self.config, "datasets", []) or []
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n) for n in names]
+        if not names:
+            raise ConfigError("No dataset to run on: set datasets (or dataset=<name> on the command line)")
+        splits = [s for s, wanted in (
+            ("train", plan.train),
+            ("val", plan.val or (plan.train and bool(cfg(self.config, "training.early_stop.enabled", False)))),
+            ("test", plan.test or plan.predict),
+        ) if wanted]
+        if "train" in splits and len(names) > 1:
+            raise ConfigError(f"Training on several datasets at once is not supported; datasets={names}. Train on one.")
+        builders = {}
+        for name in names:
+            dataset_config = cfg(self.config, f"dataset_config.{name}", None)
+            builder = registry.get_builder_class(name)(name, dataset_config if dataset_config is not None else OmegaConf.create({}))
+            if self.is_main:  # rank 0 first: it may materialise files the others read
+                builder.prepare()
+            self.strategy.barrier()
+            if not self.is_main:
+                builder.prepare()
+            builders[name] = builder
+        return {split: {name: builders[name].build_dataset(split) for name in names} for split in splits}
+
+    def _build_model_and_optimizer(self):
+        config = self.config
+        name = cfg(config, "model", None)
+        if not name:
+            raise ConfigError("No model to build: set model (or model=<name> on the command line)")
+        model_config = cfg(config, f"model_config.{name}", None)
+        if model_config is None:
+            raise ConfigError(f"model_config.{name} is missing; the model's config_path() YAML should declare it")
+        raw = registry.get_model_class(name)(model_config)
+        raw.build()
+        raw.init_losses()
+        raw.to(self.device)
+        optimizer_config = cfg(config, "optimizer", None)
+
+        def make_optimizer(groups):
+            if uses_default_param_groups(raw):  # the no-decay / lr-multiplier rule for every model
+                groups = build_param_groups(raw, optimizer_config)
+            return build_optimizer(groups, optimizer_config)
+
+        model, optimizer = self.strategy.wrap(raw, make_optimizer)
+        return model, raw, optimizer
+
+    def _total_updates(self) -> int:
+        max_updates = cfg(self.config, "training.max_updates", None)
+        max_epochs = cfg(self.config, "training.max_epochs", None)
+        per_epoch = self.train_loader.batch_sampler.num_batches
+        if per_epoch == 0:
+            raise ConfigError(
+                f"The train split gives no batch on rank {self.strategy.rank} "
+                f"({len(self.train_dataset)} examples in all): lower training.batch_size / "
+                f"training.batch_size_tokens or use more data"
+            )
+        if max_updates is None and max_epochs is None:
+            raise ConfigError("Set training.max_updates or training.max_epochs")
+        from_epochs = math.ceil(max_epochs * per_epoch / self.update_frequency) if max_epochs is not None else None
+        return int(min(x for x in (max_updates, from_epochs) if x is not None))
+
+    def _tensorboard_dir(self) -> Optional[str]:
+        if not cfg(self.config, "training.tensorboard", False):
+            return None
+        return cfg(self.config, "env.tensorboard_logdir", "") or os.path.join(self.save_dir, "tensorboard")
+
+    # ------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Run updates until ``max_updates``, ``max_epochs`` or a stop request."""
+        self.model.train()
+        self.callbacks.call("on_train_start")
+        self.log.info(f"training from update {self.num_updates} to {self.max_updates} (epoch {self.current_epoch})")
+        while self.stop_reason is None:
+            if self.num_updates >= self.max_updates:
+                self.stop_reason = f"reached max_updates={self.max_updates}"
+            elif not self.run_update():
+                self.stop_reason = f"reached max_epochs={self.max_epochs}"
+        self.log.info(f"training stopped at update {self.num_updates}: {self.stop_reason}")
+        self.callbacks.call("on_train_end")
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current update (early stopping, user callbacks)."""
+        self.stop_reason = reason
+
+    def run_update(self) -> bool:
+        """One optimizer update over ``update_frequency`` micro-batches; False when out of data."""
+        batches = self._next_micro_batches()
+        if not batches:
+            return False
+        self.strategy.zero_grad(self.model, self.optimizer)
+        results = [
+            self.run_training_batch(batch.to(self.device), is_last_micro_batch=i == len(batches) - 1)
+            for i, batch in enumerate(batches)
+        ]
+        self.last_update_examples = sum(b.get_batch_size() for b in batches)
+        stats = _mean_over_micro_batches(results)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if cfg(self.config, "training.clip_gradients", True):
+            grad_norm = self.strategy.clip_grad_norm(self.model, self.optimizer, float(cfg(self.config, "training.max_grad_l2_norm", 2.0)))
+        # with a scaler, inf/nan gradients are its business (it skips the step and lowers the scale)
+        if not self._all_finite(stats, grad_norm if self.scaler is None else None):
+            self._skip_nonfinite_update(stats)
+            return True
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.num_updates += 1
+        if grad_norm is not None:
+            stats["train/grad_norm"] = grad_norm.detach().float()
+        self.callbacks.call("on_update_end", stats)
+        return True
+
+    def run_training_batch(self, batch: SampleList, is_last_micro_batch: bool) -> Dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch (the override point of free-AT trainers).
+
+        Runs under ``strategy.sync_context`` (gradients sync only on the last micro-batch) and
+        autocast; the loss is the sum of ``output["losses"]``. Returns detached values to log.
+        """
+        with self.strategy.sync_context(self.model, is_last_micro_batch):
+            with self.autocast():
+                output = self.model(batch)
+            losses = output.get("losses") if isinstance(output, dict) else None
+            if not losses:
+                raise TrainingError(
+                    "The model returned no losses: configure model_config.<model>.losses (e.g. [logit_bce]) "
+                    "and make sure the training batches carry targets"
+                )
+            total = sum(value.float().mean() for value in losses.values())
+            self.backward(total)
+        stats = {key: value.detach().float().mean() for key, value in losses.items()}
+        stats["train/total_loss"] = total.detach()
+        return stats
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the grad scaler when there is one."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def autocast(self):
+        """The autocast context of ``training.precision`` (none for fp32)."""
+        return autocast(self.precision, self.device)
+
+    def _next_micro_batches(self) -> List[SampleList]:
+        batches = []
+        while len(batches) < self.update_frequency:
+            batch = self._next_batch()
+            if batch is None:
+                break
+            batches.append(batch)
+        return batches
+
+    def _next_batch(self) -> Optional[SampleList]:
+        """Next training batch, moving through epochs; None once ``max_epochs`` are done."""
+        while True:
+            if self._train_iter is None:
+                if self.max_epochs is not None and self.current_epoch >= self.max_epochs:
+                    return None
+                set_loader_epoch(self.train_loader, self.current_epoch, self.batch_in_epoch)
+                self._train_iter = iter(self.train_loader)
+            try:
+                batch = next(self._train_iter)
+            except StopIteration:
+                self._train_iter = None
+                self.current_epoch += 1
+                self.batch_in_epoch = 0
+                continue
+            self.batch_in_epoch += 1
+            return batch
+
+    def _all_finite(self, stats: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor]) -> bool:
+        values = [v.detach().float().sum().reshape(1).to(self.device) for v in stats.values()]
+        if grad_norm is not None:
+            values.append(grad_norm.detach().float().reshape(1).to(self.device))
+        bad = (~torch.isfinite(torch.cat(values))).any().float().reshape(1)
+        return self.strategy.all_reduce_sum(bad).item() == 0  # every rank skips together
+
+    def _skip_nonfinite_update(self, stats: Dict[str, torch.Tensor]) -> None:
+        if self.scaler is not None:
+            self.scaler.update()  # unscale_ was called: close this scaler iteration
+        self.nonfinite_skips += 1
+        limit = int(cfg(self.config, "training.max_nonfinite_skips", 10))
+        shown = ", ".join(f"{k}={v.float().mean().item():.4g}" for k, v in stats.items())
+        self.log.warning(
+            f"non-finite loss or gradient before update {self.num_updates + 1} ({shown}); update skipped "
+            f"({self.nonfinite_skips} skipped, limit training.max_nonfinite_skips={limit})"
+        )
+        if self.nonfinite_skips > limit:
+            raise TrainingError(
+                f"{self.nonfinite_skips} updates had non-finite losses or gradients (more than "
+                f"training.max_nonfinite_skips={limit}); last values: {shown}. Lower optimizer.params.lr, use "
+                f"training.precision=bf16 or fp32, or check the data for NaN/inf."
+            )
+
+    # ------------------------------------------------------------------------------------
+    # evaluation and prediction
+    # ------------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> Dict[str, float]:
+        """Metrics and mean losses of every dataset of ``split``: ``<split>/<dataset>/<name>``."""
+        was_training = self.model.training
+        self.model.eval()
+        report: Dict[str, float] = {}
+        try:
+            for name, dataset in self.datasets.get(split, {}).items():
+                report.update(self._evaluate_dataset(split, name, dataset))
+        finally:
+            self.model.train(was_training)
+        losses = [v for k, v in report.items() if k.rsplit("/", 1)[-1] in self._loss_names()]
+        if losses:
+            report[f"{split}/total_loss"] = float(sum(losses))
+        return report
+
+    def _loss_names(self) -> set:
+        losses = getattr(self.raw_model, "losses", None)
+        return set(getattr(losses, "names", []) or [])
+
+    def _evaluate_dataset(self, split: str, name: str, dataset) -> Dict[str, float]:
+        loader = build_loader(dataset, self.config, split, self.strategy.rank, self.strategy.world_size, self.data_seed)
+        metrics = {spec.key: spec.build() for spec in self.metric_specs if spec.applies_to(name)}
+        loss_sums: Dict[str, torch.Tensor] = {}
+        count = 0
+        last = None
+        with torch.no_grad():
+            for batch in loader:
+                batch = batch.to(self.device)
+                with self.autocast():
+                    output = self.model(batch)
+                size = batch.get_batch_size()
+                for metric in metrics.values():
+                    metric.update(batch, output)
+                for key, value in (output.get("losses") or {}).items():
+                    weighted = value.detach().float().mean() * size
+                    loss_sums[key] = loss_sums[key] + weighted if key in loss_sums else weighted
+                count += size
+                last = batch
+            # sharded wrappers gather parameters in forward: every rank runs as many forwards
+            for _ in range(max(loader.batch_sampler.batch_counts()) - loader.batch_sampler.num_batches):
+                if last is not None:
+                    with self.autocast():
+                        self.model(last)
+        keys = sorted(loss_sums)
+        packed = torch.stack([loss_sums[k].to(self.device) for k in keys] + [torch.tensor(float(count), device=self.device)])
+        packed = self.strategy.all_reduce_sum(packed).cpu()
+        total = float(packed[-1])
+        report = {k: float(packed[i]) / max(total, 1.0) for i, k in enumerate(keys)}
+        for key, metric in metrics.items():
+            metric.reduce(self.strategy.all_reduce_sum, self.device)
+            report[f"{split}/{name}/{key}"] = metric.compute()
+        return report
+
+    def predict(self, split: str = "test") -> List[str]:
+        """Write every dataset's predictions for ``split`` (rank 0 writes); returns the files."""
+        was_training = self.model.training
+        self.model.eval()
+        written = []
+        try:
+            for name, dataset in self.datasets.get(split, {}).items():
+                records = []
+                loader = build_loader(dataset, self.config, split, self.strategy.rank, self.strategy.world_size, self.data_seed)
+                with torch.no_grad():
+                    for batch in loader:
+                        batch = batch.to(self.device)
+                        with self.autocast():
+                            output = self.model(batch)
+                        records.extend(dataset.format_predictions(batch, output))
+                records = self._gather_records(records)
+                if self.is_main:
+                    path = dataset.write_predictions(records, self._predict_path(name, split))
+                    self.log.info(f"wrote {len(records)} predictions of {name}/{split} to {path}")
+                    written.append(path)
+        finally:
+            self.model.train(was_training)
+        return written
+
+    def _gather_records(self, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        if self.strategy.world_size == 1:
+            return records
+        gathered: List[Any] = [None] * self.strategy.world_size
+        torch.distributed.all_gather_object(gathered, records)
+        return [record for part in gathered for record in part]
+
+    def _predict_path(self, name: str, split: str) -> str:
+        configured = str(cfg(self.config, "evaluation.predict_file", "") or "")
+        if configured:
+            path = configured.format(dataset=name, split=split)
+        else:
+            path = os.path.join(self.save_dir, "predictions", f"{name}_{split}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """Everything a resume needs, as tensors and plain containers (call on every rank)."""
+        return {
+            "format_version": CHECKPOINT_FORMAT,
+            "model": self.strategy.model_state_dict(self.model),
+            "optimizer": self.strategy.optimizer_state_dict(self.optimizer),
+            "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "fp16_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_state(),
+            "sampler": {"epoch": self.current_epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.data_seed},
+            "counts": {"num_updates": self.num_updates, "current_epoch": self.current_epoch, "nonfinite_skips": self.nonfinite_skips},
+            "callbacks": self.callbacks.state_dict(),
+            "config": self._config_yaml(),
+        }
+
+    def save_checkpoint(self, keep: bool = True, best: bool = False) -> None:
+        """Write ``current.ckpt`` (+ ``models/model_<update>.ckpt`` when ``keep``, ``best.ckpt``
+        when ``best``) on rank 0; the state is collected on every rank."""
+        state = self.checkpoint_state()
+        if self.is_main:
+            self.checkpoint_files.save(state, self.num_updates, keep=keep, best=best)
+        self.strategy.barrier()
+
+    def _restore_from_config(self) -> None:
+        ck = self.config.get("checkpoint", {}) or {}
+        resume_file = str(cfg(ck, "resume_file", "") or "")
+        if cfg(ck, "resume_pretrained", False):
+            if not resume_file:
+                raise ConfigError("checkpoint.resume_pretrained=True needs checkpoint.resume_file (the weights to load)")
+            self.load_pretrained(resume_file, cfg(ck, "pretrained_state_mapping", {}) or {})
+            return
+        if resume_file:
+            path = resume_file
+        elif cfg(ck, "resume_best", False):
+            path = self.checkpoint_files.best
+        elif cfg(ck, "resume", False):
+            path = self.checkpoint_files.current
+        else:
+            return
+        self.load_state(load_checkpoint(path), path)
+
+    def load_pretrained(self, path: str, mapping: Any) -> None:
+        """Load model weights only, renaming ``{prefix_in_file: prefix_in_model}``."""
+        mapping = OmegaConf.to_container(mapping) if OmegaConf.is_config(mapping) else dict(mapping)
+        weights = map_prefixes(model_weights(load_checkpoint(path)), mapping)
+        if not weights:
+            raise CheckpointError(f"{path}: no weights match checkpoint.pretrained_state_mapping {mapping}")
+        missing, unexpected = self._load_model_weights(weights, strict=False, source=path)
+        self.log.info(
+            f"loaded pretrained weights from {path}: {len(weights) - len(unexpected)} tensors; "
+            f"{len(missing)} model keys not in the file, {len(unexpected)} file keys unused"
+        )
+
+    def load_state(self, state: Dict[str, Any], path: str = "checkpoint") -> None:
+        """Restore a full checkpoint (``checkpoint.reset.optimizer`` / ``.counts`` skip parts)."""
+        self._load_model_weights(state["model"], strict=True, source=path)
+        if not cfg(self.config, "checkpoint.reset.optimizer", False) and state.get("optimizer") is not None:
+            try:
+                self.strategy.load_optimizer_state_dict(self.optimizer, state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as error:
+                raise CheckpointError(
+                    f"{path}: the optimizer state does not fit this run's optimizer ({error}). Set "
+                    f"checkpoint.reset.optimizer=True to start the optimizer fresh."
+                ) from None
+            if self.scaler is not None and state.get("fp16_scaler"):
+                self.scaler.load_state_dict(state["fp16_scaler"])
+        if cfg(self.config, "checkpoint.reset.counts", False):
+            self.log.info(f"loaded weights and optimizer from {path}; counters reset")
+            return
+        counts, sampler = state["counts"], state["sampler"]
+        self.num_updates = int(counts["num_updates"])
+        self.nonfinite_skips = int(counts.get("nonfinite_skips", 0))
+        self.current_epoch, self.batch_in_epoch = int(sampler["epoch"]), int(sampler["batch_in_epoch"])
+        self.data_seed = int(sampler.get("seed", self.data_seed))
+        if self.plan.train:
+            self.train_loader.batch_sampler.seed = self.data_seed
+        if self.scheduler is not None and state.get("lr_scheduler"):
+            self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.callbacks.load_state_dict(state.get("callbacks") or {})
+        if self.strategy.world_size == 1:
+            set_rng_state(state["rng"])
+        else:  # one saved RNG state: rank 0 takes it, the others reseed apart from it
+            if self.is_main:
+                set_rng_state(state["rng"])
+            else:
+                torch.manual_seed(self.data_seed + 7919 * self.strategy.rank + self.num_updates)
+        self.log.info(f"resumed from {path} at update {self.num_updates} (epoch {self.current_epoch}, batch {self.batch_in_epoch})")
+
+    def _restore_best_for_final_passes(self, plan: RunPlan) -> None:
+        """As MMF: final val/test/predict passes use the best checkpoint when one was tracked."""
+        early = self.callbacks.find(EarlyStoppingCallback)
+        if not (plan.val or plan.test or plan.predict) or early is None or early.best_update is None:
+            return
+        if os.path.isfile(self.checkpoint_files.best):
+            weights = model_weights(load_checkpoint(self.checkpoint_files.best))
+            self._load_model_weights(weights, strict=True, source=self.checkpoint_files.best)
+            self.log.info(f"final evaluation uses best.ckpt (update {early.best_update}, {early.criteria}={early.best_value:.6g})")
+
+    def _load_model_weights(self, weights, strict: bool, source: str):
+        """Check keys and shapes against the unwrapped model, then load through the strategy.
+        Returns (missing, unexpected) key lists."""
+        missing, unexpected = check_model_weights(self.raw_model, weights, strict=strict, source=source)
+        own = set(self.raw_model.state_dict())
+        self.strategy.load_model_state_dict(self.model, {k: v for k, v in weights.items() if k in own}, strict=not missing)
+        return missing, unexpected
+
+    def _config_yaml(self) -> str:
+        try:
+            return OmegaConf.to_yaml(self.config, resolve=True)
+        except Exception:  # an unresolvable interpolation must not block saving
+            return OmegaConf.to_yaml(self.config, resolve=False)
+
+
+def _mean_over_micro_batches(results: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    keys = list(dict.fromkeys(k for result in results for k in result))
+    return {k: torch.stack([r[k].detach().float().reshape(-1).mean() for r in results if k in r]).mean() for k in keys}
