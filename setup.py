@@ -8,10 +8,10 @@ HERE = Path(__file__).parent
 
 
 def bundled_data_files():
-    """configs/ and projects/ ship as data under <prefix>/share/villa_plugin/ (keeping layout)."""
+    """configs/ and projects/ (YAML and JSON) ship as data under <prefix>/share/villa_plugin/ (keeping layout)."""
     entries = {}
     for top in ("configs", "projects"):
-        for path in sorted((HERE / top).rglob("*.yaml")):
+        for path in sorted(p for p in (HERE / top).rglob("*") if p.suffix in (".yaml", ".json")):
             rel_dir = path.parent.relative_to(HERE)
             entries.setdefault(os.path.join("share", "villa_plugin", str(rel_dir)), []).append(
                 str(path.relative_to(HERE))

@@ -7,13 +7,13 @@ K = 1, 2, 3, 5 (``--steps``), and prints a markdown table with ratios to plain.
 - Model: the registered ``uniter`` model (VQA head, logit_bce) with ``--hidden/--layers/--batch/
   --seq/--boxes``; ``--preset base`` is UNITER-base (768 x 12, batch 32) on CUDA. If
   ``villa_plugin.models.registered`` cannot be imported, a small stand-in transformer is used.
-- Time: median over ``--repeats`` updates after ``--warmup`` ones (``torch.cuda.synchronize`` on
+- Time: median over ``--repeats`` updates (interleaved across variants) after ``--warmup`` ones (``torch.cuda.synchronize`` on
   GPU). Not asserted anywhere: CPU timings on small shared machines are noisy.
 - Memory: on CUDA, ``max_memory_allocated`` during the update minus the allocation before it
-  (model, batch and AdamW state already resident). On CPU, each variant runs in a fresh
-  subprocess and reports the growth of the peak resident set size (``ru_maxrss``) during one
-  update over the process's state just before it; it includes allocator slack and is coarse.
-  ``--no-memory`` skips it.
+  (model, batch and AdamW state already resident). On CPU (Linux), the growth of the resident
+  set's peak during one update: ``VmHWM`` after resetting it (``/proc/self/clear_refs`` = 5, after
+  ``malloc_trim``) minus ``VmRSS`` before; coarse (allocator slack included). tracemalloc does
+  not see torch's allocations and ``ru_maxrss`` cannot be reset. ``--no-memory`` skips it.
 - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` around the forward/backward of one update
   (matmul-class ops; the engine uses ``loss.backward()``, never ``autograd.grad``).
 
@@ -22,14 +22,13 @@ Usage: ``python benchmarks/adv_step.py [--preset base] [--out results.json]``.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -167,17 +166,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_update(setup: Setup, engine: FreeATEngine, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        setup.update(engine)
-    times = []
+def time_updates(setup: Setup, engines: List[FreeATEngine], warmup: int, repeats: int) -> List[float]:
+    """Median seconds per update for each engine; repeats interleave the engines (round robin)
+    so that drifting machine load affects all of them alike."""
+    for engine in engines:
+        for _ in range(warmup):
+            setup.update(engine)
+    times: List[List[float]] = [[] for _ in engines]
     for _ in range(repeats):
-        _sync(setup.device)
-        start = time.perf_counter()
-        setup.update(engine)
-        _sync(setup.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for i, engine in enumerate(engines):
+            _sync(setup.device)
+            start = time.perf_counter()
+            setup.update(engine)
+            _sync(setup.device)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def count_flops(setup: Setup, engine: FreeATEngine) -> int:
@@ -199,59 +202,57 @@ def cuda_peak_bytes(setup: Setup, engine: FreeATEngine) -> int:
     return int(torch.cuda.max_memory_allocated(setup.device) - before)
 
 
-def cpu_peak_bytes(args, variant_name: str) -> int:
-    """Peak-RSS growth of one update in a fresh process (ru_maxrss is a per-process high-water mark)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_rss-probe", variant_name] + _size_argv(args)
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"memory probe for {variant_name} failed:\n{result.stderr[-2000:]}")
-    return int(result.stdout.strip().splitlines()[-1])
+def cpu_peak_bytes(setup: Setup, engine: FreeATEngine) -> Optional[int]:
+    """Growth of the resident set's peak during one update (Linux only, else None).
 
-
-def _rss_probe(args) -> None:
-    setup = Setup(args)
-    variant = next(v for v in variants(args.steps) if v["name"] == args._rss_probe)
-    engine = make_engine(variant, args.modality)
-    before = _maxrss_bytes()
+    Frees cached heap memory (``malloc_trim``), resets the kernel's peak-RSS mark
+    (``/proc/self/clear_refs`` = 5), runs the update and reads ``VmHWM`` − the ``VmRSS`` before.
+    Coarse: includes allocator slack and anything else the process allocates meanwhile.
+    """
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    setup.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        return None
+    before = _proc_status_kib("VmRSS")
     setup.update(engine)
-    print(_maxrss_bytes() - before)
+    return (_proc_status_kib("VmHWM") - before) * 1024
 
 
-def _maxrss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _size_argv(args) -> List[str]:
-    argv = [
-        "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
-        "--seq", str(args.seq), "--boxes", str(args.boxes), "--num-labels", str(args.num_labels),
-        "--device", args.device, "--steps", *map(str, args.steps), "--modality", *args.modality,
-    ]  # fmt: skip
-    return argv
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 # -- driver -----------------------------------------------------------------------------------
 def run(args) -> Dict[str, Any]:
     setup = Setup(args)
-    rows = []
-    for variant in variants(args.steps):
-        engine = make_engine(variant, args.modality)
-        row = dict(variant)
-        row["time_s"] = time_update(setup, engine, args.warmup, args.repeats)
+    rows = [dict(v) for v in variants(args.steps)]
+    engines = [make_engine(v, args.modality) for v in rows]
+    for row, seconds in zip(rows, time_updates(setup, engines, args.warmup, args.repeats)):
+        row["time_s"] = seconds
+    for row, engine in zip(rows, engines):
         row["flops"] = count_flops(setup, engine)
         if args.memory:
-            if setup.device.type == "cuda":
-                row["peak_bytes"] = cuda_peak_bytes(setup, engine)
-            else:
-                row["peak_bytes"] = cpu_peak_bytes(args, variant["name"])
-        rows.append(row)
+            peak = cuda_peak_bytes(setup, engine) if setup.device.type == "cuda" else cpu_peak_bytes(setup, engine)
+            row["peak_bytes"] = peak
     plain = rows[0]
     for row in rows:
         row["time_ratio"] = row["time_s"] / plain["time_s"]
         row["flop_ratio"] = row["flops"] / plain["flops"] if plain["flops"] else float("nan")
-        if "peak_bytes" in row:
-            row["memory_ratio"] = row["peak_bytes"] / plain["peak_bytes"] if plain["peak_bytes"] > 0 else float("nan")
+        if row.get("peak_bytes") is not None and plain.get("peak_bytes"):
+            row["memory_ratio"] = row["peak_bytes"] / plain["peak_bytes"]
     return {
         "device": _device_name(setup.device),
         "model": type(setup.model).__name__,
@@ -261,7 +262,7 @@ def run(args) -> Dict[str, Any]:
         "repeats": args.repeats,
         "memory_method": None if not args.memory else (
             "cuda max_memory_allocated minus allocation before the update" if setup.device.type == "cuda"
-            else "peak RSS growth (ru_maxrss) of one update in a fresh process"
+            else "peak RSS growth of one update (VmHWM after clear_refs=5, minus VmRSS before; malloc_trim first)"
         ),
         "torch": torch.__version__,
         "rows": rows,
@@ -283,7 +284,7 @@ def markdown(result: Dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        mem = f"{r['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in r else "-"
+        mem = f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else "-"
         mem_ratio = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else "-"
         lines.append(
             f"| {r['name']} | {r['K'] or '-'} | {r['time_s'] * 1e3:.1f} | {r['time_ratio']:.2f} | "
@@ -305,7 +306,6 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--out", default="", help="write the results as JSON here")
-    parser.add_argument("--_rss-probe", dest="_rss_probe", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     for key, value in preset.items():
@@ -319,9 +319,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    if args._rss_probe:
-        _rss_probe(args)
-        return {}
     result = run(args)
     print(markdown(result))
     if args.out:

@@ -5,6 +5,7 @@ the model and dataset are test-only registrations without defaults YAML.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import types
@@ -112,7 +113,8 @@ def test_random_seed_is_logged_and_saved_for_reruns(tmp_path):
     assert cli.run([f"config={saved}"]) == 0
     first, second = RecordingTrainer.instances
     assert second.config.training.seed == seed and second.random_draw == first.random_draw
-    assert OmegaConf.to_container(second.config, resolve=True) == OmegaConf.to_container(first.config, resolve=True)
+    plain = [OmegaConf.to_container(t.config, resolve=True) for t in (first, second)]
+    assert plain[0] == plain[1]
 
 
 def _one_paragraph_error(capsys) -> str:
@@ -174,7 +176,34 @@ def test_bad_device_is_a_user_error(tmp_path, capsys):
     assert 'training.device="tpu"' in _one_paragraph_error(capsys)
 
 
-def test_distributed_setup_is_called_when_the_module_exists(tmp_path, monkeypatch):
+def test_distributed_hooks_wrap_the_trainer(tmp_path, monkeypatch):
+    events = []
+
+    @contextlib.contextmanager
+    def fail_fast():
+        events.append("fail_fast enter")
+        try:
+            yield
+        except Exception as err:
+            events.append(f"fail_fast saw {type(err).__name__}")
+            raise
+
+    fake = types.ModuleType(LAUNCH_MODULE)
+    fake.setup = lambda config: events.append(f"setup {config.training.trainer}")
+    fake.fail_fast = fail_fast
+    fake.teardown = lambda: events.append("teardown")
+    monkeypatch.setitem(sys.modules, LAUNCH_MODULE, fake)
+    assert cli.run(base_args(tmp_path)) == 0
+    assert events == [f"setup {TRAINER}", "fail_fast enter", "teardown"]
+    assert RecordingTrainer.instances[0].ran
+
+    events.clear()
+    RecordingTrainer.raise_in_run = RuntimeError("rank failure")
+    assert cli.run(base_args(tmp_path)) == 2
+    assert events == [f"setup {TRAINER}", "fail_fast enter", "fail_fast saw RuntimeError"]
+
+
+def test_only_setup_is_required_of_the_launch_module(tmp_path, monkeypatch):
     calls = []
     fake = types.ModuleType(LAUNCH_MODULE)
     fake.setup = lambda config: calls.append(config.training.trainer)

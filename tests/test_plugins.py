@@ -20,7 +20,7 @@ from villa_plugin.common.errors import UserError
 from villa_plugin.config.compose import build_config
 from villa_plugin.registry import registry
 
-TRAINER = "myteam_standin"  # -> "mmf" once the core trainer exists
+TRAINER = "mmf"
 
 # -- a small external plugin package, written by the tests ---------------------------------------
 PLUGIN_FILES = {
@@ -56,7 +56,9 @@ PLUGIN_FILES = {
 
             def build(self):
                 c = self.config
-                self.net = nn.Sequential(nn.Linear(c.in_dim, c.hidden), nn.ReLU(), nn.Linear(c.hidden, c.num_labels))
+                self.net = nn.Sequential(
+                    nn.Linear(c.in_dim, c.hidden), nn.ReLU(), nn.Linear(c.hidden, c.num_labels)
+                )
                 trace(f"build_model hidden={c.hidden}")
 
             def forward(self, sample_list, perturbation=None):

@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 a user error (bad config, missing file, unknown name: p
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -26,6 +27,7 @@ from villa_plugin.registry import RegistryError, registry
 logger = logging.getLogger("villa_plugin.cli")
 
 PROG = "mmf_run"
+LAUNCH_MODULE = "villa_plugin.distributed.launch"
 LOG_FILE = "train.log"
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s : %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
@@ -78,12 +80,21 @@ def _run(argv: List[str], handlers: List[logging.Handler]) -> None:
     device = select_device(config.training.device)
     registry.register("current_device", device)
     logger.info("Device: %s | seed: %d | run_type: %s", device, config.training.seed, config.run_type)
-    _setup_distributed(config)
+    launch = _launch_module()
+    if launch is not None:
+        launch.setup(config)
 
     trainer_cls = registry.get_trainer_class(config.training.trainer)
-    logger.info("Trainer %s, model %s, datasets %s", config.training.trainer, config.model, ",".join(config.datasets))
-    trainer = trainer_cls(config)
-    trainer.run()
+    logger.info(
+        "Trainer %s, model %s, datasets %s", config.training.trainer, config.model, ",".join(config.datasets)
+    )
+    # Under torchrun, fail_fast ends a failing rank at once (a rank blocked in a collective could
+    # otherwise hang); with one process it lets errors through to run()'s handling.
+    with getattr(launch, "fail_fast", contextlib.nullcontext)():
+        trainer = trainer_cls(config)
+        trainer.run()
+    if hasattr(launch, "teardown"):
+        launch.teardown()
 
 
 def _require_selection(config: DictConfig) -> None:
@@ -99,15 +110,15 @@ def _require_selection(config: DictConfig) -> None:
         )
 
 
-def _setup_distributed(config: DictConfig) -> None:
-    """Call ``villa_plugin.distributed.launch.setup(config)`` when that module exists."""
+def _launch_module():
+    """``villa_plugin.distributed.launch`` (``setup(config)``, optional ``fail_fast()`` and
+    ``teardown()``), or None when that module does not exist."""
     try:
-        launch = importlib.import_module("villa_plugin.distributed.launch")
+        return importlib.import_module(LAUNCH_MODULE)
     except ModuleNotFoundError as err:
-        if err.name == "villa_plugin.distributed.launch":
-            return
+        if err.name == LAUNCH_MODULE:
+            return None
         raise
-    launch.setup(config)
 
 
 def _rank() -> int:

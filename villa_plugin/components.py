@@ -12,4 +12,5 @@ import villa_plugin.datasets.builders.vqa  # noqa: F401
 import villa_plugin.adversarial.losses  # noqa: F401
 import villa_plugin.models.registered  # noqa: F401
 import villa_plugin.trainers  # noqa: F401
+import villa_plugin.trainers.villa_free_at  # noqa: F401
 # isort: on

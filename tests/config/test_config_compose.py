@@ -404,3 +404,9 @@ def test_save_config_round_trip_with_real_defaults(tmp_path):
     first = build_config(["training.max_updates=7", "run_type=val"])
     second = build_config([f"config={save_config(first, tmp_path)}"])
     assert OmegaConf.to_container(second, resolve=True) == OmegaConf.to_container(first, resolve=True)
+
+
+def test_mapping_name_used_as_key_suggests_the_leaf(bundle):
+    # MMF silently ignores `trainer=villa`; here it is an error pointing at training.trainer
+    with pytest.raises(ConfigError, match='Unknown config key "trainer".*Did you mean "training.trainer"'):
+        build_config(["trainer=villa"])

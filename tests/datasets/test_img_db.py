@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import region_record
+from datasets_testlib import region_record
 from villa_plugin.common.errors import DataError
 from villa_plugin.datasets.features import (
     ImgFeatDB, compute_num_bb, db_dirname, decode_record, nbb_json_name, write_img_db,
@@ -54,6 +54,8 @@ def test_reads_uniter_written_records_and_builds_7d_pos(tmp_path, compressed):
     np.testing.assert_allclose(pos[:, :6].numpy(), bb)
     np.testing.assert_allclose(pos[:, 6].numpy(), bb[:, 4] * bb[:, 5], rtol=1e-6)
     assert db.keys() == ["img_a.npz"]
+    dump = db.dump("img_a.npz")
+    assert dump["soft_labels"].shape == (6, 5) and dump["conf"].dtype == np.float32
 
 
 def test_nbb_rule_clamps():

@@ -1,13 +1,12 @@
 """The `vqa2` builder: UNITER txt_db/img_db source, VQA JSON source, filters, predictions, errors."""
 import json
-import os
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from conftest import region_record, write_vqa_json
+from datasets_testlib import region_record, vocab_file, write_vqa_json  # noqa: F401 (vocab_file: fixture)
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.datasets.builders.vqa import VQA2Builder
 from villa_plugin.datasets.features import write_img_db

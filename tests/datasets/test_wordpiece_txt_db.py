@@ -6,6 +6,7 @@ import lz4.frame
 import msgpack
 import pytest
 
+from datasets_testlib import vocab_file  # noqa: F401 (fixture)
 from villa_plugin.common.errors import DataError
 from villa_plugin.datasets.text import TxtDB, WordPieceTokenizer, decode_example, write_txt_db
 
@@ -30,6 +31,16 @@ def test_words_without_pieces_are_dropped_unknown_words_are_unk(vocab_file):
     tok = WordPieceTokenizer(vocab_file, lowercase=True)
     # "\x00" and "\u200b" (control / format characters) produce no pieces; "zebra" is [UNK]
     assert tok.tokens("what \x00 is \u200b zebra") == ["what", "is", "[UNK]"]
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_whole_text_equals_uniter_word_by_word(vocab_file, lowercase):
+    """UNITER tokenises word by word (split on whitespace); encoding the whole text gives the same ids."""
+    tok = WordPieceTokenizer(vocab_file, lowercase=lowercase)
+    for text in ["What Color is the umbrellas?", "how  many\tdogs\x00 are there ?!", "cat-dog's \u200b Dog."]:
+        per_word = [i for word in text.split() for i in tok.encode(word)]
+        assert tok.encode(text) == per_word
+        assert tok.encode_batch([text, text]) == [per_word, per_word]
 
 
 def test_no_special_tokens_and_meta(vocab_file):

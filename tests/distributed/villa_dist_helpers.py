@@ -226,7 +226,7 @@ def run_updates(
 
 def max_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    return max(float((a[k].detach().double() - b[k].detach().double()).abs().max()) for k in a)
 
 
 def reference(accum: int, formulation: str = "exact", optimizer: str = "sgd", max_norm=None, updates=None):

@@ -204,3 +204,44 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     trainer = _trainer(tmp_path, {"training": {"precision": "bf16", "max_updates": 3}})
     trainer.run()
     assert trainer.num_updates == 3 and all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+
+
+def test_resume_best_and_reset_counts(tmp_path):
+    early = {
+        "training": {"max_updates": 50, "evaluation_interval": 1, "checkpoint_interval": 0,
+                     "early_stop": {"enabled": True, "criteria": f"val/{DATASET}/accuracy", "patience": 2}},
+        "optimizer": {"params": {"lr": 0.0}},
+        "evaluation": {"metrics": ["accuracy"]},
+    }
+    _trainer(tmp_path, early).run()
+    best = _trainer(tmp_path, {"checkpoint": {"resume_best": True}}, "val")
+    best.setup(RunPlan.parse("val"))
+    assert best.num_updates == 1
+    fresh_counts = _trainer(tmp_path, {"checkpoint": {"resume": True, "reset": {"counts": True}}}, "val")
+    fresh_counts.setup(RunPlan.parse("val"))
+    current = load_checkpoint(str(tmp_path / "save" / "current.ckpt"))
+    assert fresh_counts.num_updates == 0 and current["counts"]["num_updates"] == 4
+    for key, value in current["model"].items():
+        assert torch.equal(fresh_counts.raw_model.state_dict()[key], value)
+
+
+class _ExtraStatsTrainer(MMFTrainer):
+    """What a free-AT trainer does: replace run_training_batch, return extra values to log."""
+
+    def run_training_batch(self, batch, is_last_micro_batch):
+        stats = super().run_training_batch(batch, is_last_micro_batch)
+        stats["train/test_numbers/delta_norm"] = torch.tensor([1.0, 3.0])
+        return stats
+
+
+def test_values_a_subclass_returns_are_logged(tmp_path, caplog):
+    config = make_config(tmp_path / "save", {"training": {"max_updates": 4, "log_interval": 2, "log_format": "json", "update_frequency": 2}})
+    with caplog.at_level("INFO", logger="villa_plugin"):
+        _ExtraStatsTrainer(config).run()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
+    assert [line["train/test_numbers/delta_norm"] for line in lines] == [2.0, 2.0]
+
+
+def test_update_frequency_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="update_frequency"):
+        _trainer(tmp_path, {"training": {"update_frequency": 0}}).run()

@@ -33,6 +33,10 @@ DATASET = "test_numbers"
 class ToyMLP(BaseModel):
     """Linear -> LayerNorm -> ReLU -> Dropout -> Linear over ``batch.x``."""
 
+    @classmethod
+    def config_path(cls) -> str:
+        return str(Path(__file__).resolve().parent / "trainer_toys_model.yaml")
+
     def build(self) -> None:
         c = self.config
         self.encoder = nn.Linear(c.in_dim, c.hidden)
@@ -93,6 +97,10 @@ class NumbersDataset(BaseDataset):
 
 @registry.register_builder(DATASET, override=True)
 class NumbersBuilder(BaseDatasetBuilder):
+    @classmethod
+    def config_path(cls) -> str:
+        return str(Path(__file__).resolve().parent / "trainer_toys_dataset.yaml")
+
     def build_dataset(self, split: str) -> NumbersDataset:
         return NumbersDataset(self.dataset_name, split, self.config)
 

@@ -55,7 +55,9 @@ def _cuda_device(text: str, spec: str) -> torch.device:
         try:
             index = int(text.split(":", 1)[1])
         except ValueError:
-            raise ConfigError(f'training.device="{spec}": the CUDA index must be an integer (cuda:0).') from None
+            raise ConfigError(
+                f'training.device="{spec}": the CUDA index must be an integer (cuda:0).'
+            ) from None
     count = torch.cuda.device_count()
     if not 0 <= index < count:
         raise ConfigError(

@@ -100,7 +100,9 @@ def select_user_dir(args: ParsedArgs, layers: Sequence[Layer]) -> Tuple[Optional
         if override.path == ("env", "user_dir"):
             return str(override.raw_value if override.value is None else override.value), []
     for layer in reversed(layers):
-        value = OmegaConf.select(layer.config, "env.user_dir", default=None, throw_on_resolution_failure=False)
+        value = OmegaConf.select(
+            layer.config, "env.user_dir", default=None, throw_on_resolution_failure=False
+        )
         if value is not None:
             return str(value), [Path(layer.path).parent]
     return None, []

@@ -114,7 +114,9 @@ class Checker:
             actual, current = current, _child(current, seg)
             if isinstance(node, dict):
                 if isinstance(seg, int):
-                    result.errors.append(f'"{dotted(path)}" {source}: {dotted(path[:depth])} is a mapping, not a list.')
+                    result.errors.append(
+                        f'"{dotted(path)}" {source}: {dotted(path[:depth])} is a mapping, not a list.'
+                    )
                     return None
                 if not self._selected_ok(here, source, result, from_file=False):
                     return None
@@ -126,7 +128,9 @@ class Checker:
                 node = node[seg]
             elif isinstance(node, list):
                 if not isinstance(seg, int):
-                    result.errors.append(f'"{dotted(path)}" {source}: {dotted(path[:depth])} is a list; address items as [N].')
+                    result.errors.append(
+                        f'"{dotted(path)}" {source}: {dotted(path[:depth])} is a list; address items as [N].'
+                    )
                     return None
                 items = actual if isinstance(actual, list) else node
                 if not 0 <= seg < len(items):
@@ -212,7 +216,11 @@ class Checker:
     def _unknown_key(self, path, siblings: Dict, source: str) -> str:
         key = dotted(path)
         parent = tuple(path[:-1])
-        hint = suggest(key, [dotted(parent + (s,)) for s in siblings]) or suggest(key, all_keys(self.declared))
+        hint = (
+            _same_name_elsewhere(path[-1], all_keys(self.declared))
+            or suggest(key, [dotted(parent + (s,)) for s in siblings])
+            or suggest(key, all_keys(self.declared))
+        )
         return (
             f'Unknown config key "{key}" {source}.{hint} Keys must be declared in '
             f"configs/defaults.yaml or in the selected model's / datasets' defaults YAML."
@@ -228,6 +236,16 @@ def _child(tree: Any, seg: PathSegment) -> Any:
     if isinstance(tree, list) and isinstance(seg, int) and 0 <= seg < len(tree):
         return tree[seg]
     return None
+
+
+def _same_name_elsewhere(name: PathSegment, keys: List[str]) -> str:
+    """' Did you mean "training.seed"?' for a key whose last part is declared elsewhere (``seed=3``)."""
+    matches = [k for k in keys if k.rsplit(".", 1)[-1] == str(name)][:3]
+    return f" Did you mean {' or '.join(_quoted(m) for m in matches)}?" if matches else ""
+
+
+def _quoted(text: str) -> str:
+    return f'"{text}"'
 
 
 def _selection_text(kind: str, selected: List[str]) -> str:

@@ -225,7 +225,7 @@ def _stamp() -> Dict[str, Any]:
 
 def _dump(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=None, sort_keys=True)
+        fh.write(json.dumps(obj, sort_keys=True))  # one C-encoded string: much faster than json.dump
 
 
 def _write(root: str) -> None:

@@ -147,13 +147,10 @@ class ImgFeatDB:
         logger.info("img_db %s (nbb from %s)", self.db_path, "json" if self._name2nbb else "conf")
 
     def _resolve(self, compressed: bool) -> Tuple[str, Optional[Dict[str, int]]]:
-        names = []
-        for comp in (compressed, not compressed):
-            if self.conf_th != -1:
-                names.append(db_dirname(self.conf_th, self.max_bb, self.min_bb, self.num_bb, comp))
-            else:
-                names.append(db_dirname(-1, self.max_bb, self.min_bb, self.num_bb, comp))
-        names += [db_dirname(0, 0, 0, 0, compressed, keep_all=True), db_dirname(0, 0, 0, 0, not compressed, keep_all=True)]
+        # the configured variant first, then the other compression, then the keep-all dumps
+        order = (compressed, not compressed)
+        names = [db_dirname(self.conf_th, self.max_bb, self.min_bb, self.num_bb, c) for c in order]
+        names += [db_dirname(0, 0, 0, 0, c, keep_all=True) for c in order]
         for name in names:
             path = os.path.join(self.img_dir, name)
             if os.path.isfile(os.path.join(path, "data.mdb")):
@@ -244,6 +241,12 @@ class ImgFeatDB:
         feat = torch.from_numpy(np.array(rec["features"][:n], dtype=np.float32))
         bb = torch.from_numpy(np.array(rec["norm_bb"][:n], dtype=np.float32))
         return feat, pos_feat_7d(bb)
+
+    def dump(self, key: str) -> Dict[str, np.ndarray]:
+        """Every stored array of ``key`` (e.g. ``soft_labels`` for pretraining), cut to nbb rows, float32."""
+        rec = self._record(key)
+        n = self._check_nbb(key, min(self.nbb(key), int(rec["features"].shape[0])))
+        return {k: np.asarray(v[:n] if v.ndim == 2 else v, dtype=np.float32) for k, v in rec.items()}
 
     def __repr__(self) -> str:
         return f"ImgFeatDB({self.db_path!r})"

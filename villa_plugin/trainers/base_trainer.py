@@ -102,6 +102,8 @@ class MMFTrainer:
         self.scaler = self.strategy.grad_scaler(self.precision)
         self.metric_specs = parse_metric_specs(cfg(config, "evaluation.metrics", []))
         self.update_frequency = int(cfg(config, "training.update_frequency", 1))
+        if self.update_frequency < 1:
+            raise ConfigError(f"training.update_frequency must be >= 1 (micro-batches per update), got {self.update_frequency}")
         if plan.train:
             self.train_dataset = next(iter(self.datasets["train"].values()))
             self.train_loader = build_loader(

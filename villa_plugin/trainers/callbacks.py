@@ -128,6 +128,7 @@ class EvaluationCallback(Callback):
         interval = int(cfg(trainer.config, "training.evaluation_interval", 0))
         if interval > 0 and trainer.num_updates % interval == 0 and trainer.datasets.get("val"):
             report = trainer.evaluate("val")
+            trainer.training_logger.log_eval(trainer.num_updates, report)
             trainer.callbacks.call("on_validation_end", "val", report)
 
 

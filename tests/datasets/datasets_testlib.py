@@ -1,4 +1,6 @@
-"""Small on-disk data makers shared by the dataset tests (all under tmp_path, no network)."""
+"""Small on-disk data makers shared by the dataset tests (all under tmp_path, no network).
+
+Imported by the test modules (not a conftest, so it cannot clash with other folders' conftests)."""
 import json
 import os
 

@@ -1,0 +1,82 @@
+"""The ``villa_free_at`` trainer: the ``mmf`` loop with VILLA's free adversarial training step.
+
+Only :meth:`run_training_batch` changes: the micro-batch goes through
+:class:`villa_plugin.adversarial.FreeATEngine` (clean forward + K ascent steps; parameter
+gradients accumulate over the steps). The settings are read from
+``model_config.<model>.adversarial``; with ``adv_training: false`` the step is exactly the plain
+trainer's, so ``model=uniter`` on a VILLA experiment is the baseline.
+
+Logged per update (means over micro-batches): ``train/total_loss`` (task + α·KL averaged over the
+perturbed forwards), ``train/adv/task_loss``, ``train/adv/kl``, ``train/adv/clean_task_loss``,
+``train/adv/delta_norm_<modality>`` and ``train/adv/ascent_skips``.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from villa_plugin.adversarial import AdversarialConfig, FreeATEngine
+from villa_plugin.common.errors import ConfigError
+from villa_plugin.common.sample_list import SampleList
+from villa_plugin.models.base_model import BaseModel
+from villa_plugin.registry import registry
+from villa_plugin.trainers.base_trainer import MMFTrainer
+
+
+@registry.register_trainer("villa_free_at")
+class VillaFreeATTrainer(MMFTrainer):
+    """``MMFTrainer`` whose training step is VILLA's free adversarial training."""
+
+    def setup(self, plan) -> None:
+        # Validate the adversarial block before the (slow) model and data set-up.
+        self.adv_config = AdversarialConfig.from_model_config(self.config)
+        super().setup(plan)
+        self.engine = FreeATEngine(self.adv_config)
+        self.kl_reduction = self._check_model_supports_perturbations()
+        if self.adv_config.adv_training:
+            self.log.info(f"villa_free_at: {self.adv_config}")
+
+    def _check_model_supports_perturbations(self) -> str:
+        if not self.adv_config.adv_training:
+            return ""
+        model = self.raw_model
+        name = self.config.get("model")
+        if type(model).perturbation_shapes is BaseModel.perturbation_shapes:
+            raise ConfigError(
+                f'Model "{name}" does not accept perturbations (no perturbation_shapes()), so '
+                f"villa_free_at cannot train it adversarially. Use model=villa, or set "
+                f"model_config.{name}.adversarial.adv_training=false."
+            )
+        reduction = getattr(model, "kl_reduction", None)
+        if not reduction:
+            raise ConfigError(
+                f'Model "{name}" does not say how its task reduces the symmetric KL (attribute '
+                f"kl_reduction: mean_times_classes | sum_classes_mean | mean)."
+            )
+        return reduction
+
+    def run_training_batch(self, batch: SampleList, is_last_micro_batch: bool) -> Dict[str, torch.Tensor]:
+        """Clean forward + K ascent steps of VILLA on one micro-batch (plain step when disabled)."""
+        if not self.adv_config.adv_training:
+            return super().run_training_batch(batch, is_last_micro_batch)
+        stats = self.engine.step(
+            self.model,
+            batch,
+            backward=self._adv_backward,
+            sync_context=lambda is_last: self.strategy.sync_context(self.model, is_last),
+            is_last_micro_batch=is_last_micro_batch,
+            kl_reduction=self.kl_reduction,
+            forward_context=self.autocast,
+            unwrap=self.strategy.unwrap,
+        )
+        out = {"train/total_loss": stats.pop("loss")}
+        out.update({f"train/adv/{key}": value.detach().float() for key, value in stats.items()})
+        return out
+
+    def _adv_backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        # The official formulation back-propagates through the retained clean graph K times.
+        if not retain_graph:
+            self.backward(loss)
+            return
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=True)
