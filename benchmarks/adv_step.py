@@ -22,6 +22,7 @@ Usage: ``python benchmarks/adv_step.py [--preset base] [--out results.json]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -142,6 +143,7 @@ class Setup:
         self.model = build_model(args).to(self.device).train()
         self.batch = build_batch(args, self.device)
         self.kl_reduction = getattr(self.model, "kl_reduction", "mean_times_classes")
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         for p in self.model.parameters():  # create AdamW state now, so no variant pays for it
             p.grad = torch.zeros_like(p)
@@ -149,7 +151,14 @@ class Setup:
         self.optimizer.zero_grad(set_to_none=True)
 
     def forward_backward(self, engine: FreeATEngine) -> None:
-        engine.step(self.model, self.batch, backward=_backward, kl_reduction=self.kl_reduction)
+        engine.step(
+            self.model, self.batch, backward=_backward, kl_reduction=self.kl_reduction, forward_context=self.autocast
+        )
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def update(self, engine: FreeATEngine) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -237,6 +246,16 @@ def _proc_status_kib(field: str) -> int:
 
 # -- driver -----------------------------------------------------------------------------------
 def run(args) -> Dict[str, Any]:
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> Dict[str, Any]:
     setup = Setup(args)
     rows = [dict(v) for v in variants(args.steps)]
     engines = [make_engine(v, args.modality) for v in rows]
@@ -258,6 +277,7 @@ def run(args) -> Dict[str, Any]:
         "model": type(setup.model).__name__,
         "size": {k: getattr(args, k) for k in ("hidden", "layers", "batch", "seq", "boxes", "num_labels")},
         "modality": list(args.modality),
+        "precision": args.precision,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "memory_method": None if not args.memory else (
@@ -278,6 +298,7 @@ def _device_name(device) -> str:
 def markdown(result: Dict[str, Any]) -> str:
     lines = [
         f"device: {result['device']}; model: {result['model']} {result['size']}; modality {result['modality']}; "
+        f"{result['precision']}; "
         f"median of {result['repeats']} after {result['warmup']} warm-up",
         "",
         "| variant | K | time (ms) | time × plain | GFLOP | FLOP × plain | theory × | peak mem (MB) | mem × plain |",
@@ -302,6 +323,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 5], help="values of K")
     parser.add_argument("--modality", nargs="+", default=["text"], help="adv_modality, e.g. text or image text")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast forwards")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads on CPU (default 1: steadier on a busy machine)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
@@ -314,6 +338,8 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} requested but CUDA is not available; use --device cpu")
     AdversarialConfig(adv_modality=tuple(args.modality))  # validate early
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
     return args
 
 

@@ -14,8 +14,9 @@ Expect the sharded strategies to hold ~1/world of the optimizer state per rank (
 ranks equals ddp's per-rank state), fsdp2 also ~1/world of parameters and gradients.
 
 ``--gpu-smoke``: one process on one GPU (NCCL, world 1), bf16 autocast, UNITER-base shapes
-(768 x 12, batch 32, 40 text tokens, 36 regions): ``none``, ``fsdp2`` (bf16 MixedPrecisionPolicy)
-and ``fairscale_fsdp`` (bf16 compute), reporting examples/s and peak GPU memory. A strategy that
+(768 x 12, batch 32, 40 text tokens, 36 regions): ``none``, ``fsdp2`` (bf16 MixedPrecisionPolicy;
+``fsdp2/keep`` without resharding after forward) and ``fairscale_fsdp`` (bf16 compute), reporting
+examples/s and peak GPU memory. A strategy that
 fails is reported with its error instead of stopping the others.
 
 Usage: ``python benchmarks/sharding.py [--world 2] [--out sharding.json]``;
@@ -43,7 +44,8 @@ from villa_plugin.adversarial import AdversarialConfig, FreeATEngine
 from villa_plugin.common.sample_list import SampleList
 
 CPU_STRATEGIES = ("ddp", "fairscale_sddp", "zero", "fsdp2")
-GPU_STRATEGIES = ("none", "fsdp2", "fairscale_fsdp")
+GPU_STRATEGIES = ("none", "fsdp2", "fsdp2/keep", "fairscale_fsdp")
+KEEP = "/keep"  # suffix: distributed.fsdp_reshard_after_forward=false (keep gathered params, ~ZeRO-2)
 UNITER_BASE = dict(hidden=768, layers=12, heads=12, intermediate=3072, vocab=28996, batch=32, seq=40, boxes=36)
 IMG_DIM = 2048
 
@@ -103,11 +105,17 @@ def build_batch(args, device: torch.device, seed: int) -> SampleList:
 
 
 def run_config(strategy: str, precision: str, device: str):
+    name = strategy[: -len(KEEP)] if strategy.endswith(KEEP) else strategy
     return OmegaConf.create(
         {
             "training": {"precision": precision, "device": device},
             "optimizer": {"type": "adamw_hf", "params": {"weight_decay": 0.01}, "no_decay": ["bias", "LayerNorm.bias", "LayerNorm.weight"], "lr_multipliers": {}},
-            "distributed": {"strategy": strategy, "backend": "auto", "timeout_s": 600},
+            "distributed": {
+                "strategy": name,
+                "backend": "auto",
+                "timeout_s": 600,
+                "fsdp_reshard_after_forward": not strategy.endswith(KEEP),
+            },
         }
     )
 
@@ -166,7 +174,8 @@ def measure(name: str, args, device: torch.device, precision: str) -> Dict[str, 
     from villa_plugin.registry import registry
 
     torch.manual_seed(0)
-    strategy = registry.get_strategy_class(name)(run_config(name, precision, device.type), device)
+    config = run_config(name, precision, device.type)
+    strategy = registry.get_strategy_class(config.distributed.strategy)(config, device)
     rank, world = strategy.rank, strategy.world_size
     batch = build_batch(args, device, seed=rank)
     bare = build_model(args).to(device)

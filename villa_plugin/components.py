@@ -9,8 +9,13 @@ import villa_plugin.metrics  # noqa: F401
 import villa_plugin.optim  # noqa: F401
 import villa_plugin.distributed  # noqa: F401
 import villa_plugin.datasets.builders.vqa  # noqa: F401
+import villa_plugin.datasets.builders.nlvr2  # noqa: F401
+import villa_plugin.datasets.builders.retrieval  # noqa: F401
+import villa_plugin.datasets.builders.refcoco  # noqa: F401
 import villa_plugin.adversarial.losses  # noqa: F401
 import villa_plugin.models.registered  # noqa: F401
+import villa_plugin.models.heads_retrieval  # noqa: F401
+import villa_plugin.models.heads_refcoco  # noqa: F401
 import villa_plugin.trainers  # noqa: F401
 import villa_plugin.trainers.villa_free_at  # noqa: F401
 # isort: on

@@ -129,3 +129,16 @@ def test_fail_fast_reraises_without_a_process_group():
     with pytest.raises(SystemExit):
         with launch.fail_fast():
             sys.exit(2)
+
+
+def test_failure_report_names_the_rank(capsys, clean_env):
+    clean_env.setenv("RANK", "3")
+    clean_env.setenv("WORLD_SIZE", "4")
+    try:
+        raise RuntimeError("disk full")
+    except RuntimeError as error:
+        launch.report_failure(error)
+    launch.report_failure(ConfigError("distributed.backend=mpi must be one of auto | nccl | gloo."))
+    err = capsys.readouterr().err
+    assert "[rank 3/4] failed" in err and "Traceback" in err and "RuntimeError: disk full" in err
+    assert "ConfigError: distributed.backend=mpi" in err

@@ -18,6 +18,7 @@ from torch import nn
 from villa_plugin.adversarial import AdversarialConfig, FreeATEngine
 from villa_plugin.distributed.base import SingleProcessStrategy
 from villa_plugin.distributed.ddp import DDPStrategy
+from villa_plugin.distributed.fairscale_fsdp import FairscaleFSDPStrategy
 from villa_plugin.distributed.fairscale_sddp import FairscaleShardedDDPStrategy
 from villa_plugin.distributed.fsdp2 import FSDP2Strategy
 from villa_plugin.distributed.zero import ZeroStrategy
@@ -30,7 +31,9 @@ SGD_LR, SGD_MOMENTUM, WEIGHT_DECAY = 0.5, 0.9, 0.01
 # The adapters by their registered names (imported directly: the registry's lazy loading of every
 # built-in is tested elsewhere, and must not make these tests depend on unrelated modules).
 STRATEGY_CLASSES = {
-    cls.name: cls for cls in (SingleProcessStrategy, DDPStrategy, ZeroStrategy, FairscaleShardedDDPStrategy, FSDP2Strategy)
+    cls.name: cls for cls in (
+        SingleProcessStrategy, DDPStrategy, ZeroStrategy, FairscaleShardedDDPStrategy, FSDP2Strategy, FairscaleFSDPStrategy
+    )
 }
 
 
@@ -127,10 +130,10 @@ def shard(batch: Dict[str, torch.Tensor], rank: int, world: int) -> Dict[str, to
 
 
 # -- one run --------------------------------------------------------------------------------------
-def make_config(strategy: str = "none"):
+def make_config(strategy: str = "none", device: str = "cpu", precision: str = "fp32"):
     return OmegaConf.create(
         {
-            "training": {"precision": "fp32", "device": "cpu"},
+            "training": {"precision": precision, "device": device},
             "optimizer": {"enable_state_sharding": False},
             "distributed": {"strategy": strategy, "backend": "gloo", "timeout_s": 60},
         }
@@ -150,15 +153,17 @@ def make_adamw(groups):
 OPTIMIZERS = {"sgd": make_sgd, "adamw_hf": make_adamw}
 
 
-def build(strategy_name: str, optimizer: str = "sgd"):
-    strategy = STRATEGY_CLASSES[strategy_name](make_config(strategy_name), torch.device("cpu"))
-    model, opt = strategy.wrap(new_model(), OPTIMIZERS[optimizer])
+def build(strategy_name: str, optimizer: str = "sgd", device: str = "cpu", precision: str = "fp32"):
+    strategy = STRATEGY_CLASSES[strategy_name](make_config(strategy_name, device, precision), torch.device(device))
+    model, opt = strategy.wrap(new_model().to(device), OPTIMIZERS[optimizer])
     model.train()
     return strategy, model, opt
 
 
 def snapshot(strategy, model) -> Dict[str, torch.Tensor]:
     """Full parameters (DTensors gathered: a collective for fsdp2)."""
+    if strategy.name == "fairscale_fsdp":  # full, unprefixed names (the tiny model has no buffers)
+        return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
     out = {}
     for name, param in strategy.unwrap(model).named_parameters():
         value = param.full_tensor() if hasattr(param, "full_tensor") else param
@@ -195,6 +200,7 @@ def run_updates(
     zero_grad: Optional[Callable] = None,
     sync_context: Optional[Callable] = None,
     max_norm: Optional[float] = None,
+    forward_context: Optional[Callable] = None,
 ) -> Dict[str, list]:
     """The trainer's per-update semantics (architecture.md "Trainer") with the free-AT engine:
     zero grads, one engine step per micro-batch (sync only on the update's last backward),
@@ -206,7 +212,7 @@ def run_updates(
     for micro_batches in updates:
         zero_grad(model, optimizer)
         for i, batch in enumerate(micro_batches):
-            local = shard(batch, rank, world)
+            local = {k: v.to(strategy.device) for k, v in shard(batch, rank, world).items()}
             stats = engine.step(
                 model,
                 local,
@@ -215,6 +221,7 @@ def run_updates(
                 is_last_micro_batch=i == len(micro_batches) - 1,
                 kl_reduction=TinyVilla.kl_reduction,
                 shapes=strategy.unwrap(model).perturbation_shapes(local),
+                forward_context=forward_context,
             )
             record["stats"].append({k: v.detach().float().clone() for k, v in stats.items()})
         if max_norm is not None:
@@ -229,9 +236,9 @@ def max_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     return max(float((a[k].detach().double() - b[k].detach().double()).abs().max()) for k in a)
 
 
-def reference(accum: int, formulation: str = "exact", optimizer: str = "sgd", max_norm=None, updates=None):
+def reference(accum: int, formulation: str = "exact", optimizer: str = "sgd", max_norm=None, updates=None, device="cpu"):
     """The single-process run on the same global batches."""
-    strategy, model, opt = build("none", optimizer)
+    strategy, model, opt = build("none", optimizer, device)
     return run_updates(strategy, model, opt, updates or make_updates(accum), formulation=formulation, max_norm=max_norm)
 
 
@@ -260,12 +267,15 @@ def spawn(fn: Callable, args: tuple, nprocs: int = WORLD, timeout_s: float = 240
 
 
 # -- the batched matrix worker -----------------------------------------------------------------------
-def run_case(case: Dict[str, Any], rank: int, world: int, workdir: str) -> Dict[str, Any]:
+def run_case(case: Dict[str, Any], rank: int, world: int, workdir: str, device: str = "cpu") -> Dict[str, Any]:
     """One case of the distributed matrix on this rank (see conftest.CASES)."""
     kind, name = case["kind"], case["strategy"]
-    strategy, model, opt = build(name, case.get("optimizer", "sgd"))
+    precision = case.get("precision", "fp32")
+    strategy, model, opt = build(name, case.get("optimizer", "sgd"), device, precision)
     updates = make_updates(case.get("accum", 1))
     common = dict(rank=rank, world=world, formulation=case.get("formulation", "exact"))
+    if precision == "bf16":
+        common["forward_context"] = lambda: torch.autocast(device, dtype=torch.bfloat16)
     if kind == "no_nosync":
         return run_updates(strategy, model, opt, updates, sync_context=lambda last: contextlib.nullcontext(), **common)
     if kind == "set_to_none":

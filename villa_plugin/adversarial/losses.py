@@ -2,7 +2,7 @@
 the registered losses ``symmetric_kl`` and ``villa_adversarial``."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Union
 
 import torch
 import torch.nn.functional as F

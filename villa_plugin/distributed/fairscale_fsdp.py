@@ -8,6 +8,8 @@ only: on CPU it fails with "Torch not compiled with CUDA enabled"). Prefer ``fsd
   padded flat shard (``torch.chunk`` of the flattened parameter), all-gathered and reshaped.
 - bf16: ``mixed_precision=True, compute_dtype=bfloat16``; fp16: fp16 compute and fairscale's
   ``ShardedGradScaler``; reductions in fp32 in both.
+- World size 1 keeps fp32 parameters under bf16/fp16 (a fairscale bug, see ``_fsdp_kwargs``).
+- Verified on one GPU only (world size 1); several GPUs are unverified.
 """
 from __future__ import annotations
 
@@ -69,12 +71,26 @@ class FairscaleFSDPStrategy(Strategy):
             compute_device=self.device,
             reshard_after_forward=bool(config_value(self.config, "distributed.fsdp_reshard_after_forward", True)),
         )
-        if precision in ("bf16", "fp16"):
+        if precision in ("bf16", "fp16") and self.world_size > 1:
+            # (At world size 1 fairscale 0.4.13 frees its unsharded low-precision copies inside
+            # no_sync, so the next forward fails: parameters stay fp32 there, autocast does bf16.)
             kwargs.update(mixed_precision=True, fp32_reduce_scatter=True)
             kwargs["compute_dtype"] = torch.bfloat16 if precision == "bf16" else torch.float16
         return kwargs
 
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The user's model (inside FSDP and its FlattenParamsWrapper); its transformer layers stay
+        wrapped, so prefer ``model_state_dict`` for parameter names."""
+        from fairscale.nn.data_parallel import FullyShardedDataParallel as FSDP
+        from fairscale.nn.misc import FlattenParamsWrapper
+
+        while isinstance(model, (FSDP, FlattenParamsWrapper)):
+            model = model.module
+        return model
+
     def sync_context(self, model: nn.Module, is_last: bool):
+        # Required, also at world size 1: without no_sync, fairscale's FSDP reshards after each
+        # backward and the final free-AT backward through the clean forward's graph fails.
         return no_sync_unless(model, is_last)
 
     def clip_grad_norm(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
@@ -90,13 +106,13 @@ class FairscaleFSDPStrategy(Strategy):
         return model.load_state_dict(state, strict=strict)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> Optional[Dict[str, Any]]:
-        local = optimizer.state_dict()
+        local = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: copy, never edit
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        for index, param in enumerate(params):
-            state = local["state"].get(index, {})
-            for key in sorted(state):
-                state[key] = gather_shard(state[key], param, self.world_size)
-        return local if self.is_main else None
+        full = {
+            index: {key: gather_shard(values[key], params[index], self.world_size) for key in sorted(values)}
+            for index, values in sorted(local["state"].items())
+        }
+        return {"state": full, "param_groups": local["param_groups"]} if self.is_main else None
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -13,24 +13,87 @@ Model config (``model_config.<name>``, see ``configs/models/<name>/defaults.yaml
 - ``head`` (``vqa``; see :mod:`villa_plugin.models.heads`) and ``num_labels`` (3129 for VQA);
 - ``pretrained_checkpoint``: official ``.pt`` / MMF / ``.safetensors`` file loaded in ``build()``;
 - ``losses``; ``adversarial`` (read by the ``villa_free_at`` trainer, not by the model).
+
+Embedding growth (NLVR2, VCR; uniter-architecture.md §3, §5): a head may register an
+:class:`EmbeddingGrowth` (more type-embedding rows, extra vocabulary rows). ``build()`` decides the
+order from the checkpoint's shapes: a pretrained ``uniter-*`` / ``villa-*`` file (2 type rows,
+28996 words) loads *before* the growth; a fine-tuned or 2nd-stage file that already has the grown
+shapes loads *after* it (as does a file without embeddings, e.g. head weights only).
+
+Flat heads: a head module with ``flat_state_dict_keys = True`` (NLVR2 paired-attn) has its children
+registered on the model under their own names, so its state-dict keys are the official top-level
+ones (``attn1.*``, ``fc.*``, ``attn_pool.*``, ``nlvr2_output.*``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 from villa_plugin.common.errors import CheckpointError, ConfigError
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.models.base_model import BaseModel
-from villa_plugin.models.checkpoint_keys import LoadReport, load_uniter_checkpoint
+from villa_plugin.models import heads_nlvr2, heads_vcr, heads_ve  # noqa: F401  (register the task heads)
+from villa_plugin.models.checkpoint_keys import (
+    LoadReport,
+    load_uniter_checkpoint,
+    normalize_state_dict,
+    read_checkpoint_file,
+    unwrap_state_dict,
+)
 from villa_plugin.models.heads import HeadSpec, build_head_module, get_head
-from villa_plugin.models.uniter import UniterConfig, UniterModel
+from villa_plugin.models.uniter import UniterConfig, UniterModel, grow_type_embeddings, grow_word_embeddings
 from villa_plugin.optim import build_param_groups
 from villa_plugin.registry import registry
 
 PERTURBATION_KEYS = ("text", "image")
+TYPE_KEY = "uniter.embeddings.token_type_embeddings.weight"
+WORD_KEY = "uniter.embeddings.word_embeddings.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingGrowth:
+    """How a head grows the trunk's embeddings: ``type_rows`` rows in the type table (0: keep), new
+    row r := old row ``type_copy_from[r]``; ``extra_words`` rows appended to the vocabulary."""
+
+    type_rows: int = 0
+    type_copy_from: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    extra_words: int = 0
+
+
+EMBEDDING_GROWTH: Dict[str, EmbeddingGrowth] = {}
+
+
+def register_embedding_growth(head_name: str, growth: EmbeddingGrowth, override: bool = False) -> EmbeddingGrowth:
+    """Declare that models with head ``head_name`` grow their embeddings by ``growth``."""
+    if head_name in EMBEDDING_GROWTH and EMBEDDING_GROWTH[head_name] != growth and not override:
+        raise ValueError(f'Head "{head_name}" already has an embedding growth; pass override=True to replace it.')
+    EMBEDDING_GROWTH[head_name] = growth
+    return growth
+
+
+register_embedding_growth(
+    "nlvr2_paired_attn", EmbeddingGrowth(type_rows=heads_nlvr2.NLVR2_TYPE_ROWS, type_copy_from=heads_nlvr2.NLVR2_TYPE_COPY)
+)
+register_embedding_growth(
+    "vcr",
+    EmbeddingGrowth(
+        type_rows=heads_vcr.VCR_TYPE_ROWS,
+        type_copy_from=heads_vcr.VCR_TYPE_COPY,
+        extra_words=heads_vcr.VCR_NUM_SPECIAL_TOKENS,
+    ),
+)
+
+
+def apply_embedding_growth(model: torch.nn.Module, growth: EmbeddingGrowth) -> None:
+    """Grow ``model.uniter``'s embeddings; a type table that already has ``type_rows`` rows is kept."""
+    trunk = model.uniter
+    if growth.type_rows and trunk.embeddings.token_type_embeddings.num_embeddings < growth.type_rows:
+        grow_type_embeddings(model, growth.type_rows, growth.type_copy_from)
+    if growth.extra_words:
+        grow_word_embeddings(model, growth.extra_words)
 
 
 def _plain(config: Any) -> Dict[str, Any]:
@@ -81,19 +144,74 @@ class UNITER(BaseModel):
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ConfigError(f"{self._key('num_labels')} must be a positive integer, got {num_labels!r}.")
         self.head_module_name = self.head_spec.module_name
-        self.add_module(self.head_module_name, build_head_module(self.head_spec, self.uniter_config, num_labels, cfg))
+        head = build_head_module(self.head_spec, self.uniter_config, num_labels, cfg)
+        if getattr(head, "flat_state_dict_keys", False):
+            for child_name, child in head.named_children():
+                self.add_module(child_name, child)
+            object.__setattr__(self, self.head_module_name, head)  # a view for forward, not a submodule
+        else:
+            self.add_module(self.head_module_name, head)
         self.kl_reduction = self.head_spec.kl_reduction
+        self.embedding_growth: Optional[EmbeddingGrowth] = EMBEDDING_GROWTH.get(self.head_spec.name)
 
         checkpoint = cfg.get("pretrained_checkpoint") or ""
-        if checkpoint:
-            path = os.path.expanduser(str(checkpoint))
-            if not os.path.isfile(path):
-                raise CheckpointError(
-                    f"{self._key('pretrained_checkpoint')} = {checkpoint}: file not found "
-                    f"(resolved to {os.path.abspath(path)}). Fix the path, or set it to \"\" "
-                    f"to start from random weights."
-                )
+        if not checkpoint:
+            if self.embedding_growth is not None:
+                apply_embedding_growth(self, self.embedding_growth)
+            return
+        path = os.path.expanduser(str(checkpoint))
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"{self._key('pretrained_checkpoint')} = {checkpoint}: file not found "
+                f"(resolved to {os.path.abspath(path)}). Fix the path, or set it to \"\" "
+                f"to start from random weights."
+            )
+        if self.embedding_growth is None:
             self.load_report = load_uniter_checkpoint(self, path, head_module=self.head_module_name)
+            return
+        state = unwrap_state_dict(read_checkpoint_file(path), path)
+        if self._checkpoint_is_grown(state, path):
+            apply_embedding_growth(self, self.embedding_growth)
+            self.load_report = load_uniter_checkpoint(self, state, head_module=self.head_module_name, source=path)
+        else:
+            self.load_report = load_uniter_checkpoint(self, state, head_module=self.head_module_name, source=path)
+            apply_embedding_growth(self, self.embedding_growth)
+            self.load_report.notes.append(
+                f"embeddings grown after loading (pretrained checkpoint): {self.embedding_growth}"
+            )
+
+    def _checkpoint_is_grown(self, state: Mapping[str, Any], source: str) -> bool:
+        """True when ``state`` already has the grown embedding shapes (fine-tuned / 2nd-stage files)
+        or no embeddings at all; False for a pretrained file (the trunk's current shapes)."""
+        growth = self.embedding_growth
+        renamed, _ = normalize_state_dict(state, self.state_dict().keys(), head_module=self.head_module_name)
+        embeddings = self.uniter.embeddings
+        checks = []
+        if growth.type_rows and TYPE_KEY in renamed:
+            checks.append(("token_type_embeddings rows", int(renamed[TYPE_KEY].shape[0]),
+                           embeddings.token_type_embeddings.num_embeddings, growth.type_rows))
+        if growth.extra_words and WORD_KEY in renamed:
+            vocab = embeddings.word_embeddings.num_embeddings
+            checks.append(("word_embeddings rows", int(renamed[WORD_KEY].shape[0]), vocab, vocab + growth.extra_words))
+        verdicts = set()
+        for what, found, before, after in checks:
+            if found == after:
+                verdicts.add(True)
+            elif found == before:
+                verdicts.add(False)
+            else:
+                raise CheckpointError(
+                    f"Checkpoint {source}: {what} = {found}, but head \"{self.head_spec.name}\" expects {before} "
+                    f"(a pretrained uniter-*/villa-* file, loaded before the embedding growth) or {after} (a "
+                    f"fine-tuned / 2nd-stage file, loaded after it). Check {self._key('uniter_config')} and "
+                    f"{self._key('architecture')} (vocab_size / type_vocab_size give the pre-growth sizes)."
+                )
+        if len(verdicts) > 1:
+            raise CheckpointError(
+                f"Checkpoint {source} mixes grown and pretrained embedding shapes ({checks}); it fits neither "
+                f"loading order of head \"{self.head_spec.name}\"."
+            )
+        return verdicts != {False}
 
     @property
     def head(self) -> torch.nn.Module:
@@ -158,4 +276,4 @@ class VILLA(UNITER):
     model_name = "villa"
 
 
-__all__ = ["UNITER", "VILLA"]
+__all__ = ["UNITER", "VILLA", "EmbeddingGrowth", "EMBEDDING_GROWTH", "register_embedding_growth", "apply_embedding_growth"]

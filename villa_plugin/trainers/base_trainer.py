@@ -28,16 +28,16 @@ from villa_plugin.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from villa_plugin.common.errors import CheckpointError, ConfigError, TrainingError
 from villa_plugin.common.device import select_device
+from villa_plugin.common.errors import CheckpointError, ConfigError, TrainingError
 from villa_plugin.common.logger import TrainingLogger, ensure_console_logging, get_logger
 from villa_plugin.common.sample_list import SampleList
 from villa_plugin.datasets.loader import build_loader, set_loader_epoch
+from villa_plugin.distributed import build_strategy
 from villa_plugin.metrics import parse_metric_specs
 from villa_plugin.optim import build_optimizer, build_param_groups, build_scheduler, uses_default_param_groups
 from villa_plugin.registry import registry
 from villa_plugin.trainers.callbacks import EarlyStoppingCallback, build_callbacks
-from villa_plugin.distributed import build_strategy
 from villa_plugin.trainers.runtime import RunPlan, autocast, cfg, check_precision
 
 CHECKPOINT_FORMAT = 1
@@ -87,6 +87,8 @@ class MMFTrainer:
     # setup
     # ------------------------------------------------------------------------------------
     def setup(self, plan: RunPlan) -> None:
+        """Device, strategy, datasets, model + optimizer, scheduler, metrics, callbacks, then the
+        checkpoint the config asks to resume from (RNG state restored last)."""
         config = self.config
         self.plan = plan
         self.device = select_device(cfg(config, "training.device", "auto"))
