@@ -126,7 +126,9 @@ def test_optimizer_groups_follow_the_reference():
     assert as_names[1] == ["vqa_output.0.bias", "vqa_output.2.bias", "vqa_output.3.bias"]
     assert "uniter.img_embeddings.img_layer_norm.weight" in as_names[2]  # decayed: no "LayerNorm" in name
     assert "uniter.embeddings.LayerNorm.weight" in as_names[3]
-    assert sum(len(n) for n in as_names) == len(list(model.parameters()))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(len(n) for n in as_names) == len(trainable)
+    assert "uniter.img_embeddings.mask_embedding.weight" not in trainable  # pretraining-only, frozen
     full = model.get_optimizer_parameters(OmegaConf.create({"optimizer": OPTIMIZER}))
     assert [len(g["params"]) for g in full] == [len(g["params"]) for g in groups]
 

@@ -206,9 +206,18 @@ def finalize(config: DictConfig, model: Optional[str], datasets: Sequence[str]) 
     parse_run_type(config.run_type)
     try:
         OmegaConf.to_container(config, resolve=True)
+        _expand_env_dirs(config)
     except Exception as err:  # omegaconf's interpolation / resolver errors
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f'Config key "{key}" cannot be resolved: {getattr(err, "msg", err)}') from err
+
+
+def _expand_env_dirs(config: DictConfig) -> None:
+    """Expand ``~`` in the ``env`` directories once, so every ``${env.*}`` path built on them is usable."""
+    for key in ("cache_dir", "data_dir", "save_dir"):
+        value = config.env.get(key)
+        if isinstance(value, str) and value.startswith("~"):
+            config.env[key] = os.path.expanduser(value)
 
 
 # -- saving ------------------------------------------------------------------------------------

@@ -138,6 +138,9 @@ class UNITER(BaseModel):
         except ConfigError as err:
             raise ConfigError(f"{self._key('uniter_config')} / {self._key('architecture')}: {err}") from err
         self.uniter = UniterModel(self.uniter_config)
+        # mask_embedding serves pretraining (masked region modelling) only: freeze it so DDP/ZeRO do
+        # not wait for a gradient that fine-tuning never produces (HF AdamW skips it either way).
+        self.uniter.img_embeddings.mask_embedding.weight.requires_grad_(False)
 
         self.head_spec: HeadSpec = get_head(str(cfg.get("head", "vqa")))
         num_labels = cfg.get("num_labels", 3129)

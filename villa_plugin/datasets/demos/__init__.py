@@ -67,14 +67,22 @@ def region_record(
     sort_by_confidence: bool = True,
     protos: Optional[Mapping[str, np.ndarray]] = None,
     noise: float = 0.3,
+    random_boxes: bool = True,
 ) -> Dict[str, np.ndarray]:
     """An img_db record ``{features, norm_bb, conf}`` for ``objects`` [(shape, color)].
 
     ``object_extras[i]`` (optional) is added to object i's feature (e.g. a VCR tag's identity code).
     Objects come first when ``sort_by_confidence`` is False (gt-box stores keep annotation order).
     ``noise``: scale of the sparse non-negative noise added to every feature (the VQA demo's 0.3;
-    less noise gives the model fewer per-image details to memorise).
+    less noise gives the model fewer per-image details to memorise). ``random_boxes=False`` gives
+    every region of a kind the same box, so box geometry carries no per-image noise either.
     """
+    def box(lo: float, hi: float) -> List[float]:
+        if random_boxes:
+            return _box(rng, lo, hi)
+        side = (lo + hi) / 2
+        return [0.5 - side / 2, 0.5 - side / 2, 0.5 + side / 2, 0.5 + side / 2, side, side]
+
     protos = protos or prototypes()
     feats, confs, boxes = [], [], []
     for i, (shape, color) in enumerate(objects):
@@ -83,15 +91,15 @@ def region_record(
             vec = vec + object_extras[i]
         feats.append(vec + _noise(rng, noise))
         confs.append(rng.uniform(0.6, 0.99))
-        boxes.append(_box(rng, 0.1, 0.35))
+        boxes.append(box(0.1, 0.35))
     for _ in range(n_clutter):
         feats.append(protos["clutter"] + _noise(rng, noise))
         confs.append(rng.uniform(0.25, 0.55))
-        boxes.append(_box(rng, 0.05, 0.3))
+        boxes.append(box(0.05, 0.3))
     for _ in range(n_background):
         feats.append(0.5 * protos["background"] + _noise(rng, noise))
         confs.append(rng.uniform(0.01, 0.18))
-        boxes.append(_box(rng, 0.4, 1.0))
+        boxes.append(box(0.4, 1.0))
     order = np.argsort(-np.asarray(confs), kind="stable") if sort_by_confidence else np.arange(len(confs))
     return {
         "features": np.asarray(feats, dtype=np.float32)[order],

@@ -38,9 +38,8 @@ VERSION = 1
 SEED = 20200602
 SHAPES = ["circle", "square", "triangle", "star"]
 TEMPLATES = {
-    "left": "the left image contains a {shape}",
-    "right": "the right image contains a {shape}",
     "both": "both images contain a {shape}",
+    "any": "at least one image contains a {shape}",
     "neither": "neither image contains a {shape}",
 }
 SPLITS = {"train": ("train", 2400), "val": ("dev", 150), "test": ("test1", 150)}  # split: (file name, sentences)
@@ -48,12 +47,12 @@ PAIRS_PER_SENTENCE = 2
 IMG_KEY_FORMAT = "nlvr2_{image_id}-img{side}.npz"
 NOISE = 0.0
 OBJECTS_PER_IMAGE = 2
-SENTENCE_SHAPES = ["circle", "star"]
+SENTENCE_SHAPES = ["star"]
 
 
 def truth(template: str, left: bool, right: bool) -> bool:
     """The label of a template given whether the shape is in the left / right image."""
-    return {"left": left, "right": right, "both": left and right, "neither": not left and not right}[template]
+    return {"both": left and right, "any": left or right, "neither": not left and not right}[template]
 
 
 def _presence(rng: np.random.Generator, template: str, label: bool) -> Tuple[bool, bool]:
@@ -70,7 +69,7 @@ def _image(rng: np.random.Generator, shape: str, present: bool, protos) -> Dict[
         objects.insert(int(rng.integers(len(objects) + 1)), (shape, COLORS[int(rng.integers(len(COLORS)))]))
     n_clutter = int(rng.integers(0, 2))
     n_background = max(1, DEMO_FEATURES["min_bb"] - len(objects) - n_clutter)
-    return region_record(rng, objects, n_clutter=n_clutter, n_background=n_background, protos=protos, noise=NOISE)
+    return region_record(rng, objects, n_clutter=n_clutter, n_background=n_background, protos=protos, noise=NOISE, random_boxes=False)
 
 
 def paths(root: str) -> Dict[str, Any]:
