@@ -145,14 +145,6 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def uses_default_param_groups(model: nn.Module) -> bool:
-    """True when the model keeps BaseModel's one-group ``get_optimizer_parameters``."""
-    from villa_plugin.models.base_model import BaseModel
-
-    getter = getattr(type(model), "get_optimizer_parameters", None)
-    return getter is None or getter is BaseModel.get_optimizer_parameters
-
-
 def build_optimizer(params: Any, optimizer_config: Any) -> torch.optim.Optimizer:
     """``optimizer.type`` with ``optimizer.params`` over ``params`` (groups or tensors)."""
     name = _section(optimizer_config, "type", "adamw_hf")

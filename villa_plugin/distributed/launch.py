@@ -106,6 +106,9 @@ def select_cuda_device(local_rank: int) -> torch.device:
 def teardown() -> None:
     """Destroy the process group at the normal end of a run (no-op when there is none)."""
     if dist.is_available() and dist.is_initialized():
+        # All ranks reach here at a normal end; the barrier keeps one rank from tearing the group
+        # down while another still has collectives in flight (gloo then aborts the process).
+        dist.barrier()
         dist.destroy_process_group()
 
 

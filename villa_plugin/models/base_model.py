@@ -60,5 +60,8 @@ class BaseModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not accept perturbations")
 
     def get_optimizer_parameters(self, optimizer_config) -> list:
-        """Parameter groups for the optimizer; default: one group with every trainable parameter."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        """Parameter groups for the optimizer; default: the reference's no-decay substring rule and
+        ``optimizer.lr_multipliers`` (see :func:`villa_plugin.optim.build_param_groups`)."""
+        from villa_plugin.optim import build_param_groups
+
+        return build_param_groups(self, optimizer_config)

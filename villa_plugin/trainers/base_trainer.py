@@ -35,7 +35,7 @@ from villa_plugin.common.sample_list import SampleList
 from villa_plugin.datasets.loader import build_loader, set_loader_epoch
 from villa_plugin.distributed import build_strategy
 from villa_plugin.metrics import parse_metric_specs
-from villa_plugin.optim import build_optimizer, build_param_groups, build_scheduler, uses_default_param_groups
+from villa_plugin.optim import build_optimizer, build_scheduler
 from villa_plugin.registry import registry
 from villa_plugin.trainers.callbacks import EarlyStoppingCallback, build_callbacks
 from villa_plugin.trainers.runtime import RunPlan, autocast, cfg, check_precision
@@ -168,8 +168,6 @@ class MMFTrainer:
         optimizer_config = cfg(config, "optimizer", None)
 
         def make_optimizer(groups):
-            if uses_default_param_groups(raw):  # the no-decay / lr-multiplier rule for every model
-                groups = build_param_groups(raw, optimizer_config)
             return build_optimizer(groups, optimizer_config)
 
         model, optimizer = self.strategy.wrap(raw, make_optimizer)
