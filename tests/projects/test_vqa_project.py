@@ -72,7 +72,6 @@ def _write_official_checkpoint(path):
     return state
 
 
-@pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 def test_vqa_experiment_config_starts_a_real_run(tmp_path, caplog):
     data_dir = tmp_path / "data"
     _write_uniter_vqa_data(str(data_dir / "uniter"), np.random.default_rng(0))
@@ -106,4 +105,4 @@ def test_vqa_experiment_config_starts_a_real_run(tmp_path, caplog):
     saved = (save_dir / "config.yaml").read_text()
     assert "adv_kl_weight: 1.5" in saved and "batch_size_tokens: 256" in saved
     checkpoint = torch.load(save_dir / "current.ckpt", weights_only=True)
-    assert checkpoint["counters"]["num_updates"] == 2 if "counters" in checkpoint else True
+    assert checkpoint["counts"]["num_updates"] == 2
