@@ -10,6 +10,8 @@ import villa_plugin.optim  # noqa: F401
 import villa_plugin.distributed  # noqa: F401
 import villa_plugin.datasets.builders.vqa  # noqa: F401
 import villa_plugin.datasets.builders.nlvr2  # noqa: F401
+import villa_plugin.datasets.builders.ve  # noqa: F401
+import villa_plugin.datasets.builders.vcr  # noqa: F401
 import villa_plugin.datasets.builders.retrieval  # noqa: F401
 import villa_plugin.datasets.builders.refcoco  # noqa: F401
 import villa_plugin.adversarial.losses  # noqa: F401

@@ -57,6 +57,9 @@ TEMPLATES = {
 }
 ANSWER_TYPES = {"color_of_shape": "other", "shape_of_color": "other", "count": "number", "exists": "yes/no"}
 _PROTO_BLOCK = 64
+OBJECTS_PER_IMAGE = (1, 6)
+CLUTTER_PER_IMAGE = (0, 10)
+NOISE_STD = 0.3
 
 
 def plural(shape: str) -> str:
@@ -107,13 +110,13 @@ def decode_region(feat: np.ndarray, protos: Optional[Dict[str, np.ndarray]] = No
 def _image(rng: np.random.Generator, protos: Dict[str, np.ndarray]):
     """One image: its objects [(shape, color)] and its region record (sorted by confidence)."""
     while True:
-        n_obj = int(rng.integers(1, 7))
+        n_obj = int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
         shapes = rng.choice(len(SHAPES), size=n_obj)
         if max(Counter(shapes.tolist()).values()) <= 3:
             break
     colors = rng.choice(len(COLORS), size=n_obj)
     objects = [(SHAPES[s], COLORS[c]) for s, c in zip(shapes, colors)]
-    n_clutter = int(rng.integers(0, 11))
+    n_clutter = int(rng.integers(CLUTTER_PER_IMAGE[0], CLUTTER_PER_IMAGE[1] + 1))
     n_bg = max(0, FEATURE_SETTINGS["min_bb"] - n_obj - n_clutter) + int(rng.integers(0, 4))
     feats, confs, boxes = [], [], []
     for kind_count, kind in ((n_obj, "object"), (n_clutter, "clutter"), (n_bg, "background")):
@@ -127,7 +130,7 @@ def _image(rng: np.random.Generator, protos: Dict[str, np.ndarray]):
                 vec, conf, size = 0.5 * protos["background"], rng.uniform(0.01, 0.18), (0.4, 1.0)
             noise = np.zeros(FEAT_DIM, dtype=np.float32)
             idx = rng.choice(FEAT_DIM, size=FEAT_DIM // 20, replace=False)
-            noise[idx] = np.abs(rng.normal(0.0, 0.3, size=idx.size))
+            noise[idx] = np.abs(rng.normal(0.0, NOISE_STD, size=idx.size))
             feats.append(vec + noise)
             confs.append(conf)
             w, h = rng.uniform(*size, size=2)

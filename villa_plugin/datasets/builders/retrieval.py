@@ -135,6 +135,7 @@ class RetrievalBuilder(BaseDatasetBuilder):
                 negative_size=_positive_int(cfg, "negative_size", 399, self.dataset_name),
                 hard_neg_size=_positive_int(cfg, "hard_neg_size", 31, self.dataset_name),
                 mining_chunk_size=_positive_int(cfg, "mining_chunk_size", 400, self.dataset_name),
+                mining_warmup_batches=_non_negative_int(cfg, "mining_warmup_batches", 0, self.dataset_name),
                 num_dropped=filt.num_dropped,
             )
         return RetrievalEvalDataset(
@@ -249,6 +250,13 @@ def karpathy_image_key(key_format: str, image: Dict[str, Any], where: str) -> st
             f"dataset_config.retrieval.img_key_format {key_format!r} cannot name the image of {where}: {err}. "
             f"Use the fields {{filename}}, {{stem}}, {{imgid}}, {{cocoid}}, {{filepath}}."
         ) from err
+
+
+def _non_negative_int(cfg: Dict[str, Any], key: str, default: int, dataset: str) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"dataset_config.{dataset}.{key} must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def _positive_int(cfg: Dict[str, Any], key: str, default: int, dataset: str) -> int:

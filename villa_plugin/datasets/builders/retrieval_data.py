@@ -130,7 +130,7 @@ class RetrievalTrainDataset(BaseDataset):
 
     def __init__(self, dataset_name: str, dataset_type: str, config: Any, corpus: RetrievalCorpus, *,
                  directions: Sequence[str] = ("text", "image"), negative_size: int = 399, hard_neg_size: int = 31,
-                 mining_chunk_size: int = 400, num_dropped: int = 0):
+                 mining_chunk_size: int = 400, mining_warmup_batches: int = 0, num_dropped: int = 0):
         super().__init__(dataset_name, dataset_type, config)
         unknown = set(directions) - {"text", "image"}
         if unknown or not directions:
@@ -139,6 +139,8 @@ class RetrievalTrainDataset(BaseDataset):
         self.directions = list(directions)
         self.negative_size, self.hard_neg_size = int(negative_size), int(hard_neg_size)
         self.mining_chunk_size = int(mining_chunk_size)
+        self.mining_warmup_batches = int(mining_warmup_batches)
+        self.batches_collated = 0  # in this process (each loader worker counts its own)
         self.num_dropped = int(num_dropped)
         self.text_queries = np.arange(corpus.n_texts) if "text" in self.directions else np.zeros(0, np.int64)
         with_text = np.asarray([j for j in range(corpus.n_images) if len(corpus.image_texts[j])], dtype=np.int64)
@@ -179,6 +181,9 @@ class RetrievalTrainDataset(BaseDataset):
             positives.append((int(texts[int(torch.randint(len(texts), ()))]), j))
         negatives = self._sample_text_query_negatives(text_q) + self._sample_image_query_negatives(image_q)
         n_neg = min(self.negative_size, min(len(n) for n in negatives))
+        if self.batches_collated < self.mining_warmup_batches:
+            n_neg = min(n_neg, self.hard_neg_size)  # warm-up: random negatives only, nothing to mine
+        self.batches_collated += 1
         if n_neg < 1:
             raise DataError(f"{self.dataset_name} train: a query has no negative candidate (too few images or texts)")
         negatives = [n[:n_neg] for n in negatives]

@@ -42,10 +42,10 @@ TEMPLATES = {
     "any": "at least one image contains a {shape}",
     "neither": "neither image contains a {shape}",
 }
-SPLITS = {"train": ("train", 2400), "val": ("dev", 150), "test": ("test1", 150)}  # split: (file name, sentences)
+SPLITS = {"train": ("train", 1000), "val": ("dev", 150), "test": ("test1", 100)}  # split: (file name, sentences)
 PAIRS_PER_SENTENCE = 2
 IMG_KEY_FORMAT = "nlvr2_{image_id}-img{side}.npz"
-NOISE = 0.0
+NOISE = 0.3
 OBJECTS_PER_IMAGE = 2
 SENTENCE_SHAPES = ["star"]
 
@@ -69,7 +69,7 @@ def _image(rng: np.random.Generator, shape: str, present: bool, protos) -> Dict[
         objects.insert(int(rng.integers(len(objects) + 1)), (shape, COLORS[int(rng.integers(len(COLORS)))]))
     n_clutter = int(rng.integers(0, 2))
     n_background = max(1, DEMO_FEATURES["min_bb"] - len(objects) - n_clutter)
-    return region_record(rng, objects, n_clutter=n_clutter, n_background=n_background, protos=protos, noise=NOISE, random_boxes=False)
+    return region_record(rng, objects, n_clutter=n_clutter, n_background=n_background, protos=protos, noise=NOISE)
 
 
 def paths(root: str) -> Dict[str, Any]:

@@ -3,9 +3,9 @@ and one img_db.
 
 Each image shows one coloured shape (plus clutter and background regions, see ``demos/__init__.py``)
 and has 3 captions naming its colour and shape ("a red circle", "there is a red circle", ...). Within
-the val and test splits every (shape, colour) combination appears at most once, so each caption has
-exactly one matching image: retrieval needs both words bound to the right region, and chance R@1 is
-1 / #images. Files under ``root``::
+each split every (shape, colour) combination appears at most once (train: all 48 once), so each
+caption has exactly one matching image and no sampled negative is a true match: retrieval needs both
+words bound to the right region, and chance R@1 is 1 / #images. Files under ``root``::
 
     vocab.txt, VERSION.json
     dataset_demo.json                          Karpathy-style (images: filename, imgid, split, sentences)
@@ -33,12 +33,12 @@ from villa_plugin.datasets.demos import (
 from villa_plugin.datasets.features import write_img_db
 from villa_plugin.datasets.text import WordPieceTokenizer, write_txt_db
 
-VERSION = 1
+VERSION = 2
 SEED = 20200603
 TEMPLATES = ["a {color} {shape}", "there is a {color} {shape}", "a picture of a {color} {shape}",
              "one {color} {shape} and some clutter"]
 CAPTIONS_PER_IMAGE = 3
-SPLITS = {"train": 240, "val": 24, "test": 24}  # images per split
+SPLITS = {"train": 48, "val": 24, "test": 24}  # images per split (48 = every shape/colour combination once)
 IMG_KEY_FORMAT = "demo_{stem:0>12}.npz"
 
 
@@ -55,11 +55,11 @@ def paths(root: str) -> Dict[str, Any]:
     }
 
 
-def _objects(rng: np.random.Generator, split: str, n: int) -> List[Tuple[str, str]]:
+def _objects(rng: np.random.Generator, n: int) -> List[Tuple[str, str]]:
+    """``n`` distinct (shape, colour) pairs: no two images of a split show the same thing, so no
+    "negative" of a query is a true match (hard-negative mining would find such false negatives)."""
     combos = [(s, c) for s in SHAPES for c in COLORS]
-    if split == "train":
-        return [combos[int(rng.integers(len(combos)))] for _ in range(n)]
-    return [combos[i] for i in rng.permutation(len(combos))[:n]]  # unique within the split
+    return [combos[i] for i in rng.permutation(len(combos))[:n]]
 
 
 def _write(root: str) -> None:
@@ -73,7 +73,7 @@ def _write(root: str) -> None:
     image_id = sent_id = 0
     for code, (split, n_images) in enumerate(SPLITS.items()):
         rng = np.random.default_rng([SEED, code])
-        for shape, color in _objects(rng, split, n_images):
+        for shape, color in _objects(rng, n_images):
             image_id += 1
             filename = f"{image_id}.jpg"
             n_clutter = int(rng.integers(1, 3))
