@@ -158,12 +158,14 @@ def test_refcocog_has_val_and_test(files):
         RefcocoBuilder("refcoco", dict(cfg, test_split="testA")).build_dataset("test")
 
 
-def test_detected_boxes_match_targets_by_iou_and_count_unmatched(files):
+def test_detected_boxes_match_targets_by_iou_and_count_unmatched(files, caplog):
     val = RefcocoBuilder("refcoco", config(files, boxes="det")).build_dataset("val")
     example = val[0]  # ann 3 of image 1; det regions are in reverse order, shifted by 3 px
     assert example["target"] == 0 and val.boxes == "det" and not val.image_ann_ids
     far = RefcocoBuilder("refcoco", config(files, boxes="det", target_min_iou=0.99)).build_dataset("val")
-    assert far[0]["target"] == -100 and far.num_unmatched == 1
+    with caplog.at_level("WARNING"):
+        assert far[0]["target"] == -100 and far.num_unmatched == 1
+    assert "no region of image 1 reaches IoU 0.99" in caplog.text
     batch = far.collate([far[0], far[1]])
     assert "targets" not in batch  # an evaluation batch with unusable targets carries none (no NaN loss)
 

@@ -108,9 +108,13 @@ def test_directions_and_warm_up(uniter_files):
         RetrievalBuilder("retrieval", config(uniter_files, negative_size=0)).build_dataset("train")
 
 
-def test_eval_split_scores_every_pair_once_and_keeps_long_texts(uniter_files):
+def test_eval_split_scores_every_pair_once_and_keeps_long_texts(uniter_files, caplog):
     builder = RetrievalBuilder("retrieval", config(uniter_files))
-    val = builder.build_dataset("val")
+    with caplog.at_level("INFO"):
+        val = builder.build_dataset("val")
+        train = builder.build_dataset("train")
+    assert "retrieval val: 7 examples kept; 1 longer than max_txt_len=6 kept (evaluation)" in caplog.text
+    assert "retrieval train: 10 examples kept; 1 dropped: text_over_max_txt_len" in caplog.text and train.num_dropped == 1
     assert isinstance(val, RetrievalEvalDataset)
     c = val.corpus
     assert c.n_texts == 7 and c.n_images == 3 and "vlong" in c.text_ids and val.num_over_limit == 1

@@ -74,6 +74,7 @@ def test_demo_trains_with_villa_and_learns_on_gt_and_detected_boxes(tmp_path, ca
                     "dataset_config.refcoco.test_split=testB", f"evaluation.predict_file={out}"]) == 0
     pred = json.load(open(out))
     assert pred["format"] == "villa_plugin.refcoco/v1" and pred["split"] == "test" and pred["variant"] == "refcoco"
+    assert pred["variant_split"] == "testB" and pred["boxes"] == "gt"
     assert len(pred["predictions"]) == demo.SPLITS["testB"] * demo.REFS_PER_IMAGE * demo.SENTENCES_PER_REF
 
 

@@ -169,22 +169,19 @@ class RefcocoBuilder(BaseDatasetBuilder):
         filt.log(len(columns["sent_ids"]))
         if boxes != "gt":  # ann_ids give the region order of the gt-box store only
             columns["image_ann_ids"] = None
-        dataset = RefcocoDataset(
+        return RefcocoDataset(
             self.dataset_name, split, cfg, img_db=img_db, target_min_iou=float(cfg.get("target_min_iou", 0.5)),
-            variant=cfg["_variant"], boxes=boxes, num_dropped=filt.num_dropped, **columns,
+            variant=cfg["_variant"], source_split=name, boxes=boxes, num_dropped=filt.num_dropped, **columns,
         )
-        dataset.source_split = name
-        return dataset
 
-    def _image_sizes(self, cfg: Dict[str, Any]) -> Dict[Any, Tuple[float, float]]:
-        """``{image_id: (W, H)}`` from ``instances_json`` (its annotation boxes go to ``_instance_boxes``)."""
+    def _read_instances(self, cfg: Dict[str, Any]) -> Tuple[Dict[Any, Tuple[float, float]], Dict[Any, List[float]]]:
+        """``({image_id: (W, H)}, {ann_id: [x, y, w, h]})`` from ``instances_json``."""
         path = resolve_path(cfg, cfg.get("instances_json"), self.dataset_name, "instances_json")
         data = read_json(path, REFER_HINT)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise DataError(f"{path} has no 'images' list; is it the refer toolkit's instances.json? {REFER_HINT}")
         sizes = {img["id"]: (float(img["width"]), float(img["height"])) for img in data["images"]}
-        self._instance_boxes = {ann["id"]: ann["bbox"] for ann in data.get("annotations") or []}
-        return sizes
+        return sizes, {ann["id"]: ann["bbox"] for ann in data.get("annotations") or []}
 
     def _columns(self) -> Dict[str, List]:
         return {k: [] for k in ("sent_ids", "ref_ids", "ann_ids", "image_ids", "txt_lens", "img_keys", "gt_boxes", "image_sizes")}
@@ -217,7 +214,7 @@ class RefcocoBuilder(BaseDatasetBuilder):
             sizes = {i: (float(img["width"]), float(img["height"])) for i, img in images.items()}
             image_ann_ids = {i: list(img["ann_ids"]) for i, img in images.items() if "ann_ids" in img}
         elif cfg.get("instances_json"):
-            sizes, image_ann_ids = self._image_sizes(cfg), {}  # regions are then matched by IoU
+            sizes, image_ann_ids = self._read_instances(cfg)[0], {}  # regions are then matched by IoU
         else:
             raise DataError(f"txt_db {db.db_dir} has no images.json (UNITER's image sizes and ann_ids) and "
                             f"dataset_config.{self.dataset_name}.instances_json is not set: the image sizes are needed "
@@ -265,8 +262,7 @@ class RefcocoBuilder(BaseDatasetBuilder):
     def _from_refer_json(self, cfg, name, img_db, key_format, filt, policy) -> Dict[str, Any]:
         refs_path = resolve_path(cfg, cfg.get("refs_json"), self.dataset_name, "refs_json")
         refs = read_refs(refs_path)
-        sizes = self._image_sizes(cfg)
-        boxes = self._instance_boxes
+        sizes, boxes = self._read_instances(cfg)
         tok = WordPieceTokenizer(resolve_path(cfg, cfg.get("vocab"), self.dataset_name, "vocab"),
                                  lowercase=bool(cfg.get("lowercase", False)))
         cols = self._columns()

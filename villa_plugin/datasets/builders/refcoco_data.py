@@ -50,7 +50,8 @@ class RefcocoDataset(BaseDataset):
                  image_sizes: Sequence[Sequence[float]], cls_id: int, sep_id: int,
                  image_ann_ids: Optional[Dict[Any, List[Any]]] = None, input_ids: Optional[List[List[int]]] = None,
                  txt_db: Optional[TxtDB] = None, txt_keys: Optional[List[str]] = None,
-                 target_min_iou: float = 0.5, variant: str = "", boxes: str = "gt", num_dropped: int = 0):
+                 target_min_iou: float = 0.5, variant: str = "", source_split: str = "", boxes: str = "gt",
+                 num_dropped: int = 0):
         super().__init__(dataset_name, dataset_type, config)
         self.sent_ids, self.ref_ids, self.ann_ids, self.image_ids = sent_ids, ref_ids, ann_ids, image_ids
         self.txt_lens = np.asarray(txt_lens, dtype=np.int64)
@@ -62,6 +63,7 @@ class RefcocoDataset(BaseDataset):
         self._input_ids, self._txt_db, self._txt_keys = input_ids, txt_db, txt_keys
         self.target_min_iou = float(target_min_iou)
         self.variant, self.boxes = variant, boxes
+        self.source_split = source_split or dataset_type  # the variant's split (e.g. testB for our test)
         self.num_dropped = int(num_dropped)
         self.num_unmatched = 0
         self._lengths: Optional[List[int]] = None
@@ -150,7 +152,8 @@ class RefcocoDataset(BaseDataset):
         ]
 
     def write_predictions(self, records: List[Dict[str, Any]], path: str) -> str:
-        """``{"format", "dataset", "variant", "split", "boxes", "accuracy", "predictions": {sent_id: {...}}}``
+        """``{"format", "dataset", "variant", "split", "variant_split", "boxes", "accuracy", "predictions":
+        {sent_id: {pred_region, pred_box, tgt_box, iou, correct}}}``
         (UNITER's results file maps each sent_id to ``pred_box`` / ``tgt_box``; we add the rest)."""
         predictions = {}
         for rec in records:
@@ -158,7 +161,7 @@ class RefcocoDataset(BaseDataset):
         correct = sum(p["correct"] for p in predictions.values())
         return write_json_atomic({
             "format": PREDICTION_FORMAT, "dataset": self.dataset_name, "variant": self.variant,
-            "split": self.dataset_type, "boxes": self.boxes,
+            "split": self.dataset_type, "variant_split": self.source_split, "boxes": self.boxes,
             "accuracy": correct / len(predictions) if predictions else 0.0, "predictions": predictions,
         }, path)
 

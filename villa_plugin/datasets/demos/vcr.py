@@ -45,7 +45,7 @@ OBJECT_COLORS = ["red", "blue"]
 ANSWERS = OBJECT_SHAPES + ["dog", "car"]  # "it is a <...>": two are never right (a text-only cue)
 RATIONALES = OBJECT_COLORS + ["old", "happy"]  # "because [i] is <...>"
 GT_OBJECTS = 1
-DETECTED_COPIES = 2
+DETECTED_COPIES = 3
 VOCAB_SIZE = 128  # = the demo model's vocab_size, so tag ids (VOCAB_SIZE + i) match its grown table
 SPLITS = {"train": 1200, "val": 150, "test": 60}  # questions (one per image)
 GT_FEATURES = {"gt_conf_th": -1, "gt_num_bb": 100, "gt_min_bb": 1}
