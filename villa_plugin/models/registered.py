@@ -35,7 +35,7 @@ import torch
 from villa_plugin.common.errors import CheckpointError, ConfigError
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.models.base_model import BaseModel
-from villa_plugin.models import heads_nlvr2, heads_vcr, heads_ve  # noqa: F401  (register the task heads)
+from villa_plugin.models import heads_nlvr2, heads_refcoco, heads_retrieval, heads_vcr, heads_ve  # noqa: F401  (register the task heads)
 from villa_plugin.models.checkpoint_keys import (
     LoadReport,
     load_uniter_checkpoint,

@@ -31,10 +31,8 @@ rationale_conditioned_on_a{i}_{j}: softmax over each group of 4 of the rows' ``l
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np

@@ -25,7 +25,6 @@ from typing import Any, Dict, List
 import numpy as np
 
 from villa_plugin.datasets.demos import (
-    COLORS,
     DEMO_FEATURES,
     dump_jsonl,
     extra_prototypes,
@@ -155,7 +154,7 @@ def _write(root: str) -> None:
 
 def stamp() -> Dict[str, Any]:
     return {"name": "villa_plugin vcr demo", "version": VERSION, "seed": SEED, "splits": SPLITS,
-            "gt_objects": GT_OBJECTS}
+            "gt_objects": GT_OBJECTS, "detected_copies": DETECTED_COPIES}
 
 
 def materialise_demo(root: str) -> Dict[str, Any]:
