@@ -39,6 +39,8 @@ class HeadSpec:
       with the UNITER init, as the reference heads do).
     - ``kl_reduction``: a key of ``villa_plugin.adversarial.losses.KL_REDUCTIONS``.
     - ``forward(head, uniter, sequence_output, batch) -> logits``.
+    - ``uses_pooler``: False for heads that read token outputs directly; the model then freezes the
+      trunk pooler so that DDP / ZeRO need no ``find_unused_parameters``.
     """
 
     name: str
@@ -46,6 +48,7 @@ class HeadSpec:
     build: Callable[[UniterConfig, int, Dict[str, Any]], nn.Module]
     kl_reduction: str
     forward: Callable[[nn.Module, UniterModel, torch.Tensor, Any], torch.Tensor] = pooled_head_forward
+    uses_pooler: bool = True
 
     def __post_init__(self) -> None:
         if self.kl_reduction not in KL_REDUCTIONS:

@@ -12,7 +12,7 @@ batch), with image type ids 1 and 2 (``use_img_type``), so the shared type table
    dropout on the weights;
 5. ``nlvr2_output`` = Linear(2H, 2) on ``[pool_left; pool_right]``: logits ``[examples, 2]`` (True = 1).
 
-The trunk pooler is not used (DDP needs ``find_unused_parameters: true``). The module is *flat*:
+The trunk pooler is not used (the model freezes it, see ``HeadSpec.uses_pooler``). The module is *flat*:
 its children are registered on the model under their own names, so the state-dict keys are the
 official ``attn1.in_proj_weight``, ``fc.0.weight``, ``attn_pool.fc.0.weight``, ``nlvr2_output.weight``.
 Task loss: cross-entropy (mean); VILLA's KL reduction: ``kl.sum(1).mean()`` (``sum_classes_mean``).
@@ -99,6 +99,7 @@ NLVR2_HEAD = register_head(
         build=build_nlvr2_paired_attn,
         kl_reduction="sum_classes_mean",
         forward=nlvr2_head_forward,
+        uses_pooler=False,
     )
 )
 

@@ -90,11 +90,11 @@ def re_head_forward(head: nn.Module, uniter: UniterModel, sequence_output: torch
 
 RE_HEAD = register_head(
     HeadSpec(name="re", module_name="re_output", build=lambda c, n, h: build_re_output(c, n, h, mlp=1),
-             kl_reduction="sum_classes_mean", forward=re_head_forward)
+             kl_reduction="sum_classes_mean", forward=re_head_forward, uses_pooler=False)
 )
 RE_MLP2_HEAD = register_head(
     HeadSpec(name="re_mlp2", module_name="re_output", build=lambda c, n, h: build_re_output(c, n, h, mlp=2),
-             kl_reduction="sum_classes_mean", forward=re_head_forward)
+             kl_reduction="sum_classes_mean", forward=re_head_forward, uses_pooler=False)
 )
 
 

@@ -143,6 +143,8 @@ class UNITER(BaseModel):
         self.uniter.img_embeddings.mask_embedding.weight.requires_grad_(False)
 
         self.head_spec: HeadSpec = get_head(str(cfg.get("head", "vqa")))
+        if not self.head_spec.uses_pooler:  # same reason as mask_embedding above
+            self.uniter.pooler.requires_grad_(False)
         num_labels = cfg.get("num_labels", 3129)
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ConfigError(f"{self._key('num_labels')} must be a positive integer, got {num_labels!r}.")
