@@ -21,7 +21,6 @@ with the configured ``source``.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -29,13 +28,11 @@ import torch
 
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.common.sample_list import SampleList
-from villa_plugin.config.paths import bundled_path
-from villa_plugin.datasets.base import BaseDataset, BaseDatasetBuilder
+from villa_plugin.datasets.base import BaseDataset
 from villa_plugin.datasets.demos import nlvr2 as nlvr2_demo
 from villa_plugin.datasets.features import ImgFeatDB
 from villa_plugin.datasets.task_common import (
     ExampleFilter,
-    as_plain_dict,
     check_image,
     check_split,
     choice,
@@ -50,6 +47,7 @@ from villa_plugin.datasets.task_common import (
     write_csv_atomic,
 )
 from villa_plugin.datasets.text import TxtDB, WordPieceTokenizer
+from villa_plugin.datasets.builders.demo_backed import DemoBackedBuilder
 from villa_plugin.metrics import nlvr2_sentence_key
 from villa_plugin.registry import registry
 
@@ -153,32 +151,18 @@ class Nlvr2Dataset(BaseDataset):
 
 
 @registry.register_builder(NAME)
-class Nlvr2Builder(BaseDatasetBuilder):
+class Nlvr2Builder(DemoBackedBuilder):
     """Builds :class:`Nlvr2Dataset` splits (``train`` / ``val`` / ``test``) from config."""
 
-    def __init__(self, dataset_name: str = NAME, config: Any = None):
-        super().__init__(dataset_name, config)
-        self.cfg = as_plain_dict(config)
-
-    @classmethod
-    def config_path(cls) -> Optional[str]:
-        return bundled_path("configs/datasets/nlvr2/defaults.yaml")
-
-    def prepare(self) -> None:
-        if self.cfg.get("demo"):
-            nlvr2_demo.materialise_demo(self._demo_dir())
-
-    def _demo_dir(self) -> str:
-        demo_dir = self.cfg.get("demo_dir")
-        if not demo_dir:
-            raise ConfigError(f"dataset_config.{self.dataset_name}.demo=true needs dataset_config.{self.dataset_name}.demo_dir")
-        return os.path.expanduser(str(demo_dir))
+    NAME = NAME
+    CONFIG_DIR = "nlvr2"
+    DEMO = nlvr2_demo
 
     def settings(self) -> Dict[str, Any]:
         """The effective config: the configured one, or the demo's files when ``demo`` is on."""
         cfg = dict(self.cfg)
         if cfg.get("demo"):
-            p = nlvr2_demo.materialise_demo(self._demo_dir())
+            p = self.materialise_demo()
             cfg.update(
                 data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], img_key_format=p["img_key_format"],
                 txt_db={s: [v["txt_db"]] for s, v in p["splits"].items()},

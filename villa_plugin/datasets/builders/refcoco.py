@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from villa_plugin.common.errors import ConfigError, DataError
-from villa_plugin.config.paths import bundled_path
-from villa_plugin.datasets.base import BaseDatasetBuilder
 from villa_plugin.datasets.builders.refcoco_data import RefcocoDataset
 from villa_plugin.datasets.demos import refcoco as refcoco_demo
 from villa_plugin.datasets.task_common import (
     ExampleFilter,
-    as_plain_dict,
     check_image,
     check_split,
     choice,
@@ -50,6 +47,7 @@ from villa_plugin.datasets.task_common import (
     resolve_path,
 )
 from villa_plugin.datasets.text import TxtDB, WordPieceTokenizer
+from villa_plugin.datasets.builders.demo_backed import DemoBackedBuilder
 from villa_plugin.registry import registry
 
 logger = logging.getLogger(__name__)
@@ -90,26 +88,12 @@ def read_refs(path: str) -> List[Dict[str, Any]]:
 
 
 @registry.register_builder(NAME)
-class RefcocoBuilder(BaseDatasetBuilder):
+class RefcocoBuilder(DemoBackedBuilder):
     """Builds :class:`RefcocoDataset` splits (``train`` / ``val`` / ``test``) from config."""
 
-    def __init__(self, dataset_name: str = NAME, config: Any = None):
-        super().__init__(dataset_name, config)
-        self.cfg = as_plain_dict(config)
-
-    @classmethod
-    def config_path(cls) -> Optional[str]:
-        return bundled_path("configs/datasets/refcoco/defaults.yaml")
-
-    def prepare(self) -> None:
-        if self.cfg.get("demo"):
-            refcoco_demo.materialise_demo(self._demo_dir())
-
-    def _demo_dir(self) -> str:
-        demo_dir = self.cfg.get("demo_dir")
-        if not demo_dir:
-            raise ConfigError(f"dataset_config.{self.dataset_name}.demo=true needs dataset_config.{self.dataset_name}.demo_dir")
-        return os.path.expanduser(str(demo_dir))
+    NAME = NAME
+    CONFIG_DIR = "refcoco"
+    DEMO = refcoco_demo
 
     def settings(self) -> Dict[str, Any]:
         """The effective config: the variant block merged over the top level, or the demo's files."""
@@ -123,7 +107,7 @@ class RefcocoBuilder(BaseDatasetBuilder):
             if block.get(key) is not None:
                 cfg[key] = block[key]
         if cfg.get("demo"):
-            p = refcoco_demo.materialise_demo(self._demo_dir())
+            p = self.materialise_demo()
             cfg.update(data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], txt_db=p["txt_db"],
                        refs_json=p["refs_json"], instances_json=p["instances_json"], img_db=p["img_db"],
                        img_key_format=p["img_key_format"],

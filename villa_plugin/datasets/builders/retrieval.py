@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from villa_plugin.common.errors import ConfigError, DataError
-from villa_plugin.config.paths import bundled_path
-from villa_plugin.datasets.base import BaseDataset, BaseDatasetBuilder
+from villa_plugin.datasets.base import BaseDataset
 from villa_plugin.datasets.builders.retrieval_data import (
     RetrievalCorpus,
     RetrievalEvalDataset,
@@ -39,7 +38,6 @@ from villa_plugin.datasets.builders.retrieval_data import (
 from villa_plugin.datasets.demos import retrieval as retrieval_demo
 from villa_plugin.datasets.task_common import (
     ExampleFilter,
-    as_plain_dict,
     check_image,
     check_split,
     choice,
@@ -49,6 +47,7 @@ from villa_plugin.datasets.task_common import (
     split_paths,
 )
 from villa_plugin.datasets.text import TxtDB, WordPieceTokenizer
+from villa_plugin.datasets.builders.demo_backed import DemoBackedBuilder
 from villa_plugin.registry import registry
 
 logger = logging.getLogger(__name__)
@@ -63,26 +62,12 @@ CORPUS_KEYS = ("txt_db", "img_db", "karpathy_json", "karpathy_splits", "img_key_
 
 
 @registry.register_builder(NAME)
-class RetrievalBuilder(BaseDatasetBuilder):
+class RetrievalBuilder(DemoBackedBuilder):
     """Builds :class:`RetrievalTrainDataset` (train) and :class:`RetrievalEvalDataset` (val/test)."""
 
-    def __init__(self, dataset_name: str = NAME, config: Any = None):
-        super().__init__(dataset_name, config)
-        self.cfg = as_plain_dict(config)
-
-    @classmethod
-    def config_path(cls) -> Optional[str]:
-        return bundled_path("configs/datasets/retrieval/defaults.yaml")
-
-    def prepare(self) -> None:
-        if self.cfg.get("demo"):
-            retrieval_demo.materialise_demo(self._demo_dir())
-
-    def _demo_dir(self) -> str:
-        demo_dir = self.cfg.get("demo_dir")
-        if not demo_dir:
-            raise ConfigError(f"dataset_config.{self.dataset_name}.demo=true needs dataset_config.{self.dataset_name}.demo_dir")
-        return os.path.expanduser(str(demo_dir))
+    NAME = NAME
+    CONFIG_DIR = "retrieval"
+    DEMO = retrieval_demo
 
     def settings(self) -> Dict[str, Any]:
         """The effective config: the corpus block merged over the top level, or the demo's files."""
@@ -95,7 +80,7 @@ class RetrievalBuilder(BaseDatasetBuilder):
             if block.get(key) is not None:
                 cfg[key] = block[key]
         if cfg.get("demo"):
-            p = retrieval_demo.materialise_demo(self._demo_dir())
+            p = self.materialise_demo()
             cfg.update(
                 data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], img_key_format=p["img_key_format"],
                 karpathy_json=p["karpathy_json"], karpathy_splits=p["karpathy_splits"],

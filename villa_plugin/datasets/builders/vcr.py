@@ -40,14 +40,12 @@ import torch
 
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.common.sample_list import SampleList
-from villa_plugin.config.paths import bundled_path
-from villa_plugin.datasets.base import BaseDataset, BaseDatasetBuilder
+from villa_plugin.datasets.base import BaseDataset
 from villa_plugin.datasets.demos import vcr as vcr_demo
 from villa_plugin.datasets.features import ImgFeatDB
 from villa_plugin.datasets.lmdb_utils import LazyLmdb
 from villa_plugin.datasets.task_common import (
     ExampleFilter,
-    as_plain_dict,
     candidate_rows,
     check_image,
     check_label,
@@ -64,6 +62,7 @@ from villa_plugin.datasets.task_common import (
     write_csv_atomic,
 )
 from villa_plugin.datasets.text import TXT_DB_HINT, TxtDB, WordPieceTokenizer
+from villa_plugin.datasets.builders.demo_backed import DemoBackedBuilder
 from villa_plugin.metrics import vcr_candidate_scores
 from villa_plugin.models.heads_vcr import VCR_NUM_SPECIAL_TOKENS
 from villa_plugin.registry import registry
@@ -278,32 +277,18 @@ def _checked_text(q, answers, rationales, qa_t, qar_t, where: str) -> Dict[str, 
 
 
 @registry.register_builder(NAME)
-class VcrBuilder(BaseDatasetBuilder):
+class VcrBuilder(DemoBackedBuilder):
     """Builds :class:`VcrDataset` splits (``train`` / ``val`` / ``test``) from config."""
 
-    def __init__(self, dataset_name: str = NAME, config: Any = None):
-        super().__init__(dataset_name, config)
-        self.cfg = as_plain_dict(config)
-
-    @classmethod
-    def config_path(cls) -> Optional[str]:
-        return bundled_path("configs/datasets/vcr/defaults.yaml")
-
-    def prepare(self) -> None:
-        if self.cfg.get("demo"):
-            vcr_demo.materialise_demo(self._demo_dir())
-
-    def _demo_dir(self) -> str:
-        demo_dir = self.cfg.get("demo_dir")
-        if not demo_dir:
-            raise ConfigError(f"dataset_config.{self.dataset_name}.demo=true needs dataset_config.{self.dataset_name}.demo_dir")
-        return os.path.expanduser(str(demo_dir))
+    NAME = NAME
+    CONFIG_DIR = "vcr"
+    DEMO = vcr_demo
 
     def settings(self) -> Dict[str, Any]:
         """The effective config: the configured one, or the demo's files when ``demo`` is on."""
         cfg = dict(self.cfg)
         if cfg.get("demo"):
-            p = vcr_demo.materialise_demo(self._demo_dir())
+            p = self.materialise_demo()
             cfg.update(
                 data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], tag_token_base=None,
                 img_key_format=p["img_key_format"], gt_img_key_format=p["gt_img_key_format"],

@@ -18,18 +18,14 @@ JSON list ``[{"pair_id": str, "label": "entailment" | ...}]``.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional
 
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.common.sample_list import SampleList
-from villa_plugin.config.paths import bundled_path
-from villa_plugin.datasets.base import BaseDatasetBuilder
 from villa_plugin.datasets.builders.vqa_dataset import VQADataset
 from villa_plugin.datasets.demos import ve as ve_demo
 from villa_plugin.datasets.task_common import (
     ExampleFilter,
-    as_plain_dict,
     check_image,
     check_label,
     check_split,
@@ -42,6 +38,7 @@ from villa_plugin.datasets.task_common import (
     write_json_atomic,
 )
 from villa_plugin.datasets.text import TxtDB, WordPieceTokenizer
+from villa_plugin.datasets.builders.demo_backed import DemoBackedBuilder
 from villa_plugin.models.heads_ve import VE_LABELS
 from villa_plugin.registry import registry
 
@@ -93,32 +90,18 @@ class VEDataset(VQADataset):
 
 
 @registry.register_builder(NAME)
-class VEBuilder(BaseDatasetBuilder):
+class VEBuilder(DemoBackedBuilder):
     """Builds :class:`VEDataset` splits (``train`` / ``val`` / ``test``) from config."""
 
-    def __init__(self, dataset_name: str = NAME, config: Any = None):
-        super().__init__(dataset_name, config)
-        self.cfg = as_plain_dict(config)
-
-    @classmethod
-    def config_path(cls) -> Optional[str]:
-        return bundled_path("configs/datasets/visual_entailment/defaults.yaml")
-
-    def prepare(self) -> None:
-        if self.cfg.get("demo"):
-            ve_demo.materialise_demo(self._demo_dir())
-
-    def _demo_dir(self) -> str:
-        demo_dir = self.cfg.get("demo_dir")
-        if not demo_dir:
-            raise ConfigError(f"dataset_config.{self.dataset_name}.demo=true needs dataset_config.{self.dataset_name}.demo_dir")
-        return os.path.expanduser(str(demo_dir))
+    NAME = NAME
+    CONFIG_DIR = "visual_entailment"
+    DEMO = ve_demo
 
     def settings(self) -> Dict[str, Any]:
         """The effective config: the configured one, or the demo's files when ``demo`` is on."""
         cfg = dict(self.cfg)
         if cfg.get("demo"):
-            p = ve_demo.materialise_demo(self._demo_dir())
+            p = self.materialise_demo()
             cfg.update(
                 data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], img_key_format=p["img_key_format"],
                 txt_db={s: [v["txt_db"]] for s, v in p["splits"].items()},

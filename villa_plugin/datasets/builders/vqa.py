@@ -23,13 +23,12 @@ import os
 from typing import Any, Dict, List, Optional
 
 from villa_plugin.common.errors import ConfigError, DataError
-from villa_plugin.config.paths import bundled_path
-from villa_plugin.datasets.base import BaseDatasetBuilder
 from villa_plugin.datasets.builders.vqa_answers import SCORE_RULES, soft_target
 from villa_plugin.datasets.builders.vqa_dataset import VQADataset, read_label2ans
-from villa_plugin.datasets.demo import materialise_demo
+from villa_plugin.datasets import demo as vqa_demo
 from villa_plugin.datasets.features import ImgFeatDB
 from villa_plugin.datasets.text import TxtDB, WordPieceTokenizer
+from villa_plugin.datasets.builders.demo_backed import DemoBackedBuilder
 from villa_plugin.registry import registry
 
 logger = logging.getLogger(__name__)
@@ -39,44 +38,19 @@ JSON_HINT = ("Download the VQA v2 questions/annotations from https://visualqa.or
              "dataset_config.vqa2.demo=true for the bundled demo.")
 
 
-def _as_dict(config: Any) -> Dict[str, Any]:
-    if config is None:
-        return {}
-    if isinstance(config, dict):
-        return dict(config)
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(config, resolve=True)
-
-
 @registry.register_builder("vqa2")
-class VQA2Builder(BaseDatasetBuilder):
+class VQA2Builder(DemoBackedBuilder):
     """Builds :class:`VQADataset` splits (``train`` / ``val`` / ``test``) from config."""
 
-    def __init__(self, dataset_name: str = "vqa2", config: Any = None):
-        super().__init__(dataset_name, config)
-        self.cfg = _as_dict(config)
-
-    @classmethod
-    def config_path(cls) -> Optional[str]:
-        return bundled_path("configs/datasets/vqa2/defaults.yaml")
-
-    def prepare(self) -> None:
-        if self.cfg.get("demo"):
-            materialise_demo(self._demo_dir())
-
-    # -- settings -------------------------------------------------------------------------------
-    def _demo_dir(self) -> str:
-        demo_dir = self.cfg.get("demo_dir")
-        if not demo_dir:
-            raise ConfigError("dataset_config.vqa2.demo=true needs dataset_config.vqa2.demo_dir")
-        return os.path.expanduser(str(demo_dir))
+    NAME = "vqa2"
+    CONFIG_DIR = "vqa2"
+    DEMO = vqa_demo
 
     def settings(self) -> Dict[str, Any]:
         """The effective config: the configured one, or with the demo's files when ``demo`` is on."""
         cfg = dict(self.cfg)
         if cfg.get("demo"):
-            p = materialise_demo(self._demo_dir())
+            p = self.materialise_demo()
             cfg.update(
                 source="vqa_json", data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"],
                 ans2label=p["ans2label"], img_key_format=p["img_key_format"],
