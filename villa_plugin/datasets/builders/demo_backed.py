@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.datasets.base import BaseDatasetBuilder
-from villa_plugin.datasets.task_common import as_plain_dict
+from villa_plugin.datasets.task_common import ExampleFilter, as_plain_dict, check_split, choice, open_img_db, split_paths
 
 
 class DemoBackedBuilder(BaseDatasetBuilder):
@@ -40,3 +40,35 @@ class DemoBackedBuilder(BaseDatasetBuilder):
                 f"dataset_config.{self.dataset_name}.demo=true needs dataset_config.{self.dataset_name}.demo_dir"
             )
         return self.DEMO.materialise_demo(os.path.expanduser(str(demo_dir)))
+
+    # -- the effective config -----------------------------------------------------------------
+    DEMO_PER_SPLIT = ("txt_db", "annotations", "img_db")  # demo paths()["splits"][split][key]
+    DEMO_FEATURE_KEYS = ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")
+
+    def settings(self) -> Dict[str, Any]:
+        """The effective config: the configured one, or pointed at the demo's files when ``demo`` is on."""
+        cfg = dict(self.cfg)
+        if cfg.get("demo"):
+            cfg.update(self.demo_settings(self.materialise_demo()))
+        return cfg
+
+    def demo_settings(self, paths: Dict[str, Any]) -> Dict[str, Any]:
+        """Config entries for the demo's files (the common demo layout: per-split path lists)."""
+        return dict(
+            data_dir=paths["root"], vocab=paths["vocab"], lowercase=paths["lowercase"],
+            img_key_format=paths["img_key_format"],
+            **{key: {s: [v[key]] for s, v in paths["splits"].items()} for key in self.DEMO_PER_SPLIT},
+            **{key: paths[key] for key in self.DEMO_FEATURE_KEYS},
+        )
+
+    def open_split(self, cfg: Dict[str, Any], split: str, sources: Tuple[str, ...]):
+        """The common start of ``build_dataset``: ``(source, missing-image policy, ExampleFilter,
+        the split's image dbs)``."""
+        check_split(split, self.dataset_name)
+        source = choice(cfg, "source", sources, self.dataset_name, sources[0])
+        policy = choice(cfg, "missing_images", ("error", "skip"), self.dataset_name, "error")
+        filt = ExampleFilter(self.dataset_name, split, int(cfg.get("max_txt_len", 60)), training=split == "train")
+        img_paths = split_paths(cfg, "img_db", split, self.dataset_name)
+        if not img_paths:
+            raise ConfigError(f"dataset_config.{self.dataset_name}.img_db.{split} lists no image dbs")
+        return source, policy, filt, [open_img_db(p, cfg) for p in img_paths]

@@ -39,9 +39,7 @@ from villa_plugin.datasets.demos import retrieval as retrieval_demo
 from villa_plugin.datasets.task_common import (
     ExampleFilter,
     check_image,
-    check_split,
     choice,
-    open_img_db,
     read_json,
     resolve_path,
     split_paths,
@@ -91,16 +89,9 @@ class RetrievalBuilder(DemoBackedBuilder):
 
     # -- datasets -------------------------------------------------------------------------------
     def build_dataset(self, split: str) -> BaseDataset:
-        check_split(split, self.dataset_name)
         cfg = self.settings()
-        source = choice(cfg, "source", ("txt_db", "karpathy_json"), self.dataset_name, "txt_db")
-        policy = choice(cfg, "missing_images", ("error", "skip"), self.dataset_name, "error")
+        source, policy, filt, img_dbs = self.open_split(cfg, split, ("txt_db", "karpathy_json"))
         training = split == "train"
-        filt = ExampleFilter(self.dataset_name, split, int(cfg.get("max_txt_len", 60)), training=training)
-        img_paths = split_paths(cfg, "img_db", split, self.dataset_name)
-        if not img_paths:
-            raise ConfigError(f"dataset_config.{self.dataset_name}.img_db.{split} lists no image dbs")
-        img_dbs = [open_img_db(p, cfg) for p in img_paths]
         if source == "txt_db":
             corpus = self._from_txt_db(cfg, split, img_dbs, filt, policy)
         else:

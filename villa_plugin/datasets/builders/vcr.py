@@ -284,22 +284,11 @@ class VcrBuilder(DemoBackedBuilder):
     CONFIG_DIR = "vcr"
     DEMO = vcr_demo
 
-    def settings(self) -> Dict[str, Any]:
-        """The effective config: the configured one, or the demo's files when ``demo`` is on."""
-        cfg = dict(self.cfg)
-        if cfg.get("demo"):
-            p = self.materialise_demo()
-            cfg.update(
-                data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], tag_token_base=None,
-                img_key_format=p["img_key_format"], gt_img_key_format=p["gt_img_key_format"],
-                txt_db={s: [v["txt_db"]] for s, v in p["splits"].items()},
-                annotations={s: [v["annotations"]] for s, v in p["splits"].items()},
-                img_db={s: [v["img_db"]] for s, v in p["splits"].items()},
-                img_db_gt={s: [v["img_db_gt"]] for s, v in p["splits"].items()},
-                **{k: p[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed",
-                                     "gt_conf_th", "gt_num_bb", "gt_min_bb")},
-            )
-        return cfg
+    DEMO_PER_SPLIT = DemoBackedBuilder.DEMO_PER_SPLIT + ("img_db_gt",)
+    DEMO_FEATURE_KEYS = DemoBackedBuilder.DEMO_FEATURE_KEYS + ("gt_conf_th", "gt_num_bb", "gt_min_bb")
+
+    def demo_settings(self, paths: Dict[str, Any]) -> Dict[str, Any]:
+        return dict(super().demo_settings(paths), tag_token_base=None, gt_img_key_format=paths["gt_img_key_format"])
 
     def build_dataset(self, split: str) -> VcrDataset:
         check_split(split, self.dataset_name)

@@ -25,12 +25,8 @@ from villa_plugin.common.sample_list import SampleList
 from villa_plugin.datasets.builders.vqa_dataset import VQADataset
 from villa_plugin.datasets.demos import ve as ve_demo
 from villa_plugin.datasets.task_common import (
-    ExampleFilter,
     check_image,
     check_label,
-    check_split,
-    choice,
-    open_img_db,
     read_jsonl,
     resolve_path,
     split_paths,
@@ -97,30 +93,9 @@ class VEBuilder(DemoBackedBuilder):
     CONFIG_DIR = "visual_entailment"
     DEMO = ve_demo
 
-    def settings(self) -> Dict[str, Any]:
-        """The effective config: the configured one, or the demo's files when ``demo`` is on."""
-        cfg = dict(self.cfg)
-        if cfg.get("demo"):
-            p = self.materialise_demo()
-            cfg.update(
-                data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], img_key_format=p["img_key_format"],
-                txt_db={s: [v["txt_db"]] for s, v in p["splits"].items()},
-                annotations={s: [v["annotations"]] for s, v in p["splits"].items()},
-                img_db={s: [v["img_db"]] for s, v in p["splits"].items()},
-                **{k: p[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")},
-            )
-        return cfg
-
     def build_dataset(self, split: str) -> VEDataset:
-        check_split(split, self.dataset_name)
         cfg = self.settings()
-        source = choice(cfg, "source", ("txt_db", "annotations"), self.dataset_name, "txt_db")
-        policy = choice(cfg, "missing_images", ("error", "skip"), self.dataset_name, "error")
-        filt = ExampleFilter(self.dataset_name, split, int(cfg.get("max_txt_len", 60)), training=split == "train")
-        img_paths = split_paths(cfg, "img_db", split, self.dataset_name)
-        if not img_paths:
-            raise ConfigError(f"dataset_config.{self.dataset_name}.img_db.{split} lists no image dbs")
-        img_dbs = [open_img_db(p, cfg) for p in img_paths]
+        source, policy, filt, img_dbs = self.open_split(cfg, split, ("txt_db", "annotations"))
         if source == "txt_db":
             columns = self._from_txt_db(cfg, split, img_dbs, filt, policy)
         else:
