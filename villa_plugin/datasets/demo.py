@@ -1,15 +1,24 @@
 """A small, deterministic VQA dataset in the real on-disk formats (the bundled demo).
 
-Each image holds 1-6 coloured shapes, 0-10 shapeless "clutter" regions and some low-confidence
-background regions. A region's 2048-d feature is a sparse non-negative code: the sum of its
-shape's and colour's prototypes (disjoint blocks of dimensions) plus noise, so the answer to
+Each image holds 1-4 coloured shapes, 0-3 shapeless "clutter" regions and low-confidence
+background regions (at least 10 regions in all, UNITER's ``min_bb``). A region's 2048-d feature is a
+sparse non-negative code: the sum of its shape's and colour's prototypes (disjoint blocks of
+dimensions) plus noise, so the answer to
 
 - "what color is the <shape>?"        (colour of the only <shape>)
 - "what shape is the <color> object?" (shape of the only <color> object)
 - "how many <shape>s are there?"      (0-3)
-- "is there a <color> <shape>?"       (yes / no)
+- "is there a <color> <shape>?"       (yes / no; a "no" is half-true: the colour or the shape is there)
 
-is a deterministic function of the question words *and* the regions: neither alone answers it.
+is a deterministic function of the question words *and* the regions: neither alone answers it
+(the best answer per question text scores about 0.45 vqa_accuracy on val: the soft VQA scores
+give partial credit on yes/no and counts).
+
+Sizes are chosen for a demo that learns the cross-modal binding in about a thousand updates of a
+tiny UNITER trained from scratch: 16k training questions (8 per image, types drawn with the weights
+of ``QUESTION_MIX``) so that a run sees fresh questions rather than memorising 2k; at most 4
+objects and 3 clutter regions per image, because every extra distractor delays the moment the model
+starts to bind words to regions (counting and "is there" are learnt last).
 
 Written files (under ``root``, e.g. ``<env.cache_dir>/demo/vqa_v1``)::
 
@@ -33,14 +42,14 @@ import numpy as np
 
 from villa_plugin.datasets.features import write_img_db
 
-VERSION = 1
+VERSION = 2
 SEED = 20200601
 SHAPES = ["circle", "square", "triangle", "star", "heart", "cross"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
 COUNTS = ["0", "1", "2", "3"]
 ANSWERS = ["yes", "no"] + COLORS + SHAPES + COUNTS
-SPLITS = {"train": 2000, "val": 300, "test": 300}  # questions per split
-QUESTIONS_PER_IMAGE = 4
+SPLITS = {"train": 16000, "val": 500, "test": 300}  # questions per split
+QUESTIONS_PER_IMAGE = 8
 FEAT_DIM = 2048
 FEATURE_SETTINGS = {"conf_th": 0.2, "max_bb": 100, "min_bb": 10, "num_bb": 36, "compressed": True}
 KEY_FORMAT = "demo_{subtype}_{image_id:012d}.npz"
@@ -57,9 +66,10 @@ TEMPLATES = {
 }
 ANSWER_TYPES = {"color_of_shape": "other", "shape_of_color": "other", "count": "number", "exists": "yes/no"}
 _PROTO_BLOCK = 64
-OBJECTS_PER_IMAGE = (1, 6)
-CLUTTER_PER_IMAGE = (0, 10)
-NOISE_STD = 0.3
+OBJECTS_PER_IMAGE = (1, 4)  # inclusive ranges per image
+CLUTTER_PER_IMAGE = (0, 3)
+NOISE_STD = 0.3  # |N(0, NOISE_STD)| on a random 5% of the dimensions of every region
+QUESTION_MIX = {"color_of_shape": 1.0, "shape_of_color": 1.0, "count": 1.0, "exists": 1.0}  # sampling weights
 
 
 def plural(shape: str) -> str:
@@ -162,38 +172,47 @@ def answer_from(question: str, objects: Sequence[Tuple[str, str]]) -> str:
     raise ValueError(f"not a demo question: {question!r}")
 
 
-def _questions_for(rng: np.random.Generator, objects, n: int) -> List[Tuple[str, str, str]]:
-    """``n`` (question_type, question, answer) triples about one image."""
+def _slots_for(rng: np.random.Generator, qtype: str, objects) -> Optional[Dict[str, str]]:
+    """Template slots for one ``qtype`` question about ``objects``; None when the image cannot ask it."""
     shape_counts = Counter(s for s, _ in objects)
     color_counts = Counter(c for _, c in objects)
-    unique_shapes = [s for s in SHAPES if shape_counts[s] == 1]
-    unique_colors = [c for c in COLORS if color_counts[c] == 1]
-    out = []
-    for qtype in [list(TEMPLATES)[i] for i in rng.permutation(len(TEMPLATES))] * 2:
+    if qtype == "color_of_shape":
+        unique_shapes = [s for s in SHAPES if shape_counts[s] == 1]
+        return {"shape": unique_shapes[int(rng.integers(len(unique_shapes)))]} if unique_shapes else None
+    if qtype == "shape_of_color":
+        unique_colors = [c for c in COLORS if color_counts[c] == 1]
+        return {"color": unique_colors[int(rng.integers(len(unique_colors)))]} if unique_colors else None
+    if qtype == "count":
+        pool = list(shape_counts) if rng.random() < 0.6 else SHAPES
+        return {"shapes": plural(pool[int(rng.integers(len(pool)))])}
+    if rng.random() < 0.5:
+        shape, color = objects[int(rng.integers(len(objects)))]
+    else:
+        present = set(objects)
+        absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present
+                  and (shape_counts[s] or color_counts[c])]  # hard negatives: half-true
+        shape, color = absent[int(rng.integers(len(absent)))]
+    return {"shape": shape, "color": color}
+
+
+def _questions_for(rng: np.random.Generator, objects, n: int) -> List[Tuple[str, str, str]]:
+    """Up to ``n`` distinct (question_type, question, answer) triples about one image; the types are
+    drawn with the weights of ``QUESTION_MIX`` among those the image can answer."""
+    types = list(QUESTION_MIX)
+    weights = np.asarray([QUESTION_MIX[t] for t in types], dtype=np.float64)
+    out, seen = [], set()
+    for _ in range(4 * n):  # a few redraws for types the image cannot ask and repeated questions
         if len(out) == n:
             break
-        slots: Dict[str, str] = {}
-        if qtype == "color_of_shape":
-            if not unique_shapes:
-                continue
-            slots["shape"] = unique_shapes[int(rng.integers(len(unique_shapes)))]
-        elif qtype == "shape_of_color":
-            if not unique_colors:
-                continue
-            slots["color"] = unique_colors[int(rng.integers(len(unique_colors)))]
-        elif qtype == "count":
-            pool = list(shape_counts) if rng.random() < 0.6 else SHAPES
-            slots["shapes"] = plural(pool[int(rng.integers(len(pool)))])
-        else:
-            if rng.random() < 0.5:
-                slots["shape"], slots["color"] = objects[int(rng.integers(len(objects)))]
-            else:
-                present = set(objects)
-                absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present
-                          and (shape_counts[s] or color_counts[c])]  # hard negatives: half-true
-                slots["shape"], slots["color"] = absent[int(rng.integers(len(absent)))]
+        qtype = types[int(rng.choice(len(types), p=weights / weights.sum()))]
+        slots = _slots_for(rng, qtype, objects)
+        if slots is None:
+            continue
         templates = TEMPLATES[qtype]
         question = templates[int(rng.integers(len(templates)))].format(**slots)
+        if question in seen:
+            continue
+        seen.add(question)
         out.append((qtype, question, answer_from(question, objects)))
     return out
 
@@ -223,7 +242,10 @@ def paths(root: str) -> Dict[str, Any]:
 
 
 def _stamp() -> Dict[str, Any]:
-    return {"name": "villa_plugin vqa demo", "version": VERSION, "seed": SEED, "splits": SPLITS}
+    """What the files depend on: a copy with another stamp is regenerated."""
+    return {"name": "villa_plugin vqa demo", "version": VERSION, "seed": SEED, "splits": SPLITS,
+            "questions_per_image": QUESTIONS_PER_IMAGE, "objects": list(OBJECTS_PER_IMAGE),
+            "clutter": list(CLUTTER_PER_IMAGE), "noise_std": NOISE_STD, "question_mix": QUESTION_MIX}
 
 
 def _dump(path: str, obj: Any) -> None:

@@ -91,6 +91,7 @@ class MMFTrainer:
         checkpoint the config asks to resume from (RNG state restored last)."""
         config = self.config
         self.plan = plan
+        _apply_num_threads(cfg(config, "training.num_threads", None))
         self.device = select_device(cfg(config, "training.device", "auto"))
         self.strategy = build_strategy(config, self.device)
         self.is_main = self.strategy.is_main
@@ -536,6 +537,15 @@ class MMFTrainer:
             return OmegaConf.to_yaml(self.config, resolve=True)
         except Exception:  # an unresolvable interpolation must not block saving
             return OmegaConf.to_yaml(self.config, resolve=False)
+
+
+def _apply_num_threads(value: Any) -> None:
+    """``training.num_threads``: torch's intra-op CPU threads (None keeps torch's default)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"training.num_threads must be a positive integer or null (torch's default), got {value!r}")
+    torch.set_num_threads(value)
 
 
 def _mean_over_micro_batches(results: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
