@@ -5,6 +5,9 @@ import json
 import time
 from typing import Dict, List, Tuple
 
+import pytest
+import torch
+
 from villa_plugin.cli import run
 
 
@@ -27,3 +30,13 @@ def final_metrics(records: List[Dict], prefix: str) -> Dict[str, float]:
     for record in records:
         values.update({k: v for k, v in record.items() if k.startswith(prefix)})
     return values
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a busy 2-core machine: one intra-op thread is much faster than two (OpenMP
+    synchronisation). Test modules import this fixture to use it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,17 +1,8 @@
 """The bundled NLVR2 demo trains with VILLA through ``mmf_run``, learns, and predicts the NLVR2 CSV."""
 from __future__ import annotations
 
-import pytest
-import torch
-from demo_task_runner import final_metrics, mmf_run
+from demo_task_runner import final_metrics, mmf_run, one_torch_thread  # noqa: F401  (autouse fixture)
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add synchronisation on a small CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_nlvr2_learns_and_predicts(tmp_path, capsys):

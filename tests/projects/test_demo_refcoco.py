@@ -8,25 +8,16 @@ import os
 import time
 
 import numpy as np
-import pytest
-import torch
 
 from villa_plugin import cli
 from villa_plugin.datasets.demos import refcoco as demo
 from villa_plugin.datasets.features import ImgFeatDB, write_img_db
 from villa_plugin.datasets.text import TxtDB, write_txt_db
-from villa_plugin.models import heads_refcoco  # noqa: F401  (registers the re heads)
+
+from demo_task_runner import one_torch_thread  # noqa: F401  (autouse fixture)
 
 CHANCE = 1 / 3  # 3-5 objects per image
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # tiny ops on a busy 2-core machine: one intra-op thread is much faster than two
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _evaluations(out: str):

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import csv
 
-import pytest
-import torch
-from demo_task_runner import final_metrics, mmf_run
+from demo_task_runner import final_metrics, mmf_run, one_torch_thread  # noqa: F401  (autouse fixture)
 
 from villa_plugin.datasets.builders.vcr import CSV_HEADER
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add synchronisation on a small CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_vcr_learns_and_predicts(tmp_path, capsys):

@@ -3,17 +3,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-from demo_task_runner import final_metrics, mmf_run
+from demo_task_runner import final_metrics, mmf_run, one_torch_thread  # noqa: F401  (autouse fixture)
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add synchronisation on a small CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_snli_ve_learns_and_predicts(tmp_path, capsys):
