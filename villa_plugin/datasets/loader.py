@@ -14,15 +14,7 @@ from torch.utils.data import DataLoader
 
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.datasets.samplers import FixedSizeBatchSampler, TokenBucketBatchSampler
-
-
-def _get(config: Any, dotted: str, default: Any = None) -> Any:
-    node = config
-    for part in dotted.split("."):
-        if node is None or not hasattr(node, "get"):
-            return default
-        node = node.get(part, None)
-    return default if node is None else node
+from villa_plugin.common.config_access import config_value as _get
 
 
 def build_batch_sampler(dataset, config: Any, split: str, rank: int = 0, world_size: int = 1, seed: int = 0):

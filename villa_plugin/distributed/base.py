@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from villa_plugin.registry import registry
+from villa_plugin.common.config_access import config_value  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -142,16 +143,6 @@ class Strategy:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
-
-
-def config_value(config: Any, dotted: str, default: Any) -> Any:
-    """``config.a.b`` with a default when any level is missing (config may be None)."""
-    node = config
-    for key in dotted.split("."):
-        if node is None:
-            return default
-        node = node.get(key, None) if hasattr(node, "get") else getattr(node, key, None)
-    return default if node is None else node
 
 
 def _dist_ready() -> bool:

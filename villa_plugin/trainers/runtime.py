@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.config.run_type import parse_run_type
+from villa_plugin.common.config_access import config_value as cfg  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,3 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def cfg(config: Any, dotted: str, default: Any = None) -> Any:
-    """``config.a.b`` or ``default`` when a part is missing or null."""
-    node = config
-    for part in dotted.split("."):
-        if node is None or not hasattr(node, "get"):
-            return default
-        node = node.get(part, None)
-    return default if node is None else node
