@@ -13,6 +13,7 @@ from villa_plugin.datasets import demo
 from villa_plugin.datasets.builders.vqa import VQA2Builder
 from villa_plugin.datasets.features import ImgFeatDB
 from villa_plugin.datasets.text import WordPieceTokenizer
+from villa_plugin.datasets.materialise import is_current
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,9 @@ def test_a_changed_generator_setting_makes_the_copy_stale(small_splits, tmp_path
     root = str(tmp_path / "vqa_v1")
     demo.materialise_demo(root)
     monkeypatch.setattr(demo, "CLUTTER_PER_IMAGE", (0, 1))
-    assert not demo._is_current(root)
+    assert not is_current(root, demo._stamp())
     demo.materialise_demo(root)
-    assert demo._is_current(root)
+    assert is_current(root, demo._stamp())
 
 
 def test_materialise_is_idempotent_and_replaces_stale_copies(small_splits, tmp_path):
@@ -70,7 +71,7 @@ def test_materialise_is_idempotent_and_replaces_stale_copies(small_splits, tmp_p
         json.dump({"version": 0}, fh)
     os.remove(paths["vocab"])
     demo.materialise_demo(root)
-    assert os.path.isfile(paths["vocab"]) and demo._is_current(root)
+    assert os.path.isfile(paths["vocab"]) and is_current(root, demo._stamp())
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temp dirs left behind
 
 
@@ -123,7 +124,7 @@ def test_vqa2_builder_demo_switch_uses_cache_dir(small_splits, tmp_path):
     conf.dataset_config.vqa2.num_answers = None
     builder = VQA2Builder("vqa2", conf.dataset_config.vqa2)
     builder.prepare()
-    assert demo._is_current(str(tmp_path / "cache" / "demo" / "vqa_v1"))
+    assert is_current(str(tmp_path / "cache" / "demo" / "vqa_v1"), demo._stamp())
     sizes = {s: len(builder.build_dataset(s)) for s in ("train", "val", "test")}
     assert sizes == demo.SPLITS
     val = builder.build_dataset("val")

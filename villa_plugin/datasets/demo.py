@@ -30,17 +30,15 @@ Materialisation is idempotent and atomic (a temp dir renamed into place, a versi
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from villa_plugin.datasets.features import write_img_db
+from villa_plugin.datasets.materialise import dump_json, materialise
 
 VERSION = 2
 SEED = 20200601
@@ -248,17 +246,12 @@ def _stamp() -> Dict[str, Any]:
             "clutter": list(CLUTTER_PER_IMAGE), "noise_std": NOISE_STD, "question_mix": QUESTION_MIX}
 
 
-def _dump(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, sort_keys=True))  # one C-encoded string: much faster than json.dump
-
-
 def _write(root: str) -> None:
     protos = prototypes()
     p = paths(root)
     with open(p["vocab"], "w", encoding="utf-8") as fh:
         fh.write("\n".join(vocab_tokens()) + "\n")
-    _dump(p["ans2label"], {a: i for i, a in enumerate(ANSWERS)})
+    dump_json(p["ans2label"], {a: i for i, a in enumerate(ANSWERS)})
     image_id = 0
     for split_code, (split, n_questions) in enumerate(SPLITS.items()):
         questions, annotations, records = [], [], []
@@ -279,22 +272,13 @@ def _write(root: str) -> None:
                                 for j, a in enumerate(answers)],
                 })
         info = {"description": "villa_plugin synthetic VQA demo", "version": VERSION}
-        _dump(p["splits"][split]["questions"], {"info": info, "task_type": "Open-Ended", "data_type": "demo",
+        dump_json(p["splits"][split]["questions"], {"info": info, "task_type": "Open-Ended", "data_type": "demo",
                                                 "data_subtype": split, "questions": questions})
         if p["splits"][split]["annotations"]:
-            _dump(p["splits"][split]["annotations"], {"info": info, "data_type": "demo", "data_subtype": split,
+            dump_json(p["splits"][split]["annotations"], {"info": info, "data_type": "demo", "data_subtype": split,
                                                       "annotations": annotations})
         settings = {k: FEATURE_SETTINGS[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")}
         write_img_db(p["splits"][split]["img_db"], records, **settings)
-    _dump(p["stamp"], _stamp())
-
-
-def _is_current(root: str) -> bool:
-    try:
-        with open(os.path.join(root, "VERSION.json"), "r", encoding="utf-8") as fh:
-            return json.load(fh) == json.loads(json.dumps(_stamp()))
-    except (OSError, ValueError):
-        return False
 
 
 def materialise_demo(root: str) -> Dict[str, Any]:
@@ -303,24 +287,4 @@ def materialise_demo(root: str) -> Dict[str, Any]:
     The files are generated in a temp dir next to ``root`` and renamed into place, so a crash never
     leaves a half-written dataset and concurrent callers (ranks) end with one complete copy.
     """
-    root = os.path.abspath(root)
-    if _is_current(root):
-        return paths(root)
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o755)
-    try:
-        _write(tmp)
-        if os.path.exists(root) and not _is_current(root):
-            stale = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
-            os.rename(root, os.path.join(stale, "old"))
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not _is_current(root):  # someone else's copy must be complete, else it is an error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return paths(root)
+    return paths(materialise(root, _stamp(), _write))

@@ -9,14 +9,12 @@ the image. Each task demo writes its files with :func:`materialise`, which is id
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from villa_plugin.datasets.demo import COLORS, SHAPES, prototypes  # noqa: F401  (re-exported)
+from villa_plugin.datasets.materialise import dump_json, materialise  # noqa: F401  (re-exported)
 
 FEAT_DIM = 2048
 # Fewer regions than the VQA demo (min_bb 4): the task demos must train in seconds on a CPU.
@@ -132,11 +130,6 @@ def vocab_tokens(words: Iterable[str], extra: Sequence[str] = ()) -> List[str]:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def dump_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, sort_keys=True))
-
-
 def dump_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for record in records:
@@ -146,42 +139,6 @@ def dump_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> None:
 def write_vocab(path: str, tokens: Sequence[str]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(tokens) + "\n")
-
-
-def _is_current(root: str, stamp: Mapping[str, Any]) -> bool:
-    try:
-        with open(os.path.join(root, "VERSION.json"), "r", encoding="utf-8") as fh:
-            return json.load(fh) == json.loads(json.dumps(stamp))
-    except (OSError, ValueError):
-        return False
-
-
-def materialise(root: str, stamp: Mapping[str, Any], write: Callable[[str], None]) -> str:
-    """Run ``write(tmp_dir)`` and rename the result to ``root`` unless ``root`` holds a copy whose
-    ``VERSION.json`` equals ``stamp``. Concurrent callers end with one complete copy; a stale or
-    broken copy is replaced. Returns the absolute ``root``."""
-    root = os.path.abspath(root)
-    if _is_current(root, stamp):
-        return root
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o755)
-    try:
-        write(tmp)
-        dump_json(os.path.join(tmp, "VERSION.json"), stamp)
-        if os.path.exists(root) and not _is_current(root, stamp):
-            stale = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
-            os.rename(root, os.path.join(stale, "old"))
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not _is_current(root, stamp):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 __all__ = [
