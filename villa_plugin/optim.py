@@ -223,9 +223,8 @@ class Schedule:
         return self.num_training_steps
 
 
-@registry.register_scheduler("warmup_linear")
-class WarmupLinear(Schedule):
-    """``step/warmup`` while ``step < warmup``, then ``max(0, (T-step)/(T-warmup))``."""
+class WarmupThenDecay(Schedule):
+    """``step/warmup`` while ``step < warmup``, then ``decay(step, T)`` until ``T``, and 0 after."""
 
     def factor(self, step: int) -> float:
         total = self._need_total()
@@ -233,19 +232,25 @@ class WarmupLinear(Schedule):
             return step / self.warmup_steps
         if step >= total:
             return 0.0
+        return self.decay(step, total)
+
+    def decay(self, step: int, total: int) -> float:
+        raise NotImplementedError
+
+
+@registry.register_scheduler("warmup_linear")
+class WarmupLinear(WarmupThenDecay):
+    """``step/warmup`` while ``step < warmup``, then ``max(0, (T-step)/(T-warmup))``."""
+
+    def decay(self, step: int, total: int) -> float:
         return max(0.0, (total - step) / (total - self.warmup_steps))
 
 
 @registry.register_scheduler("warmup_cosine")
-class WarmupCosine(Schedule):
+class WarmupCosine(WarmupThenDecay):
     """Linear warmup, then half a cosine from 1 to 0 at ``T``."""
 
-    def factor(self, step: int) -> float:
-        total = self._need_total()
-        if step < self.warmup_steps:
-            return step / self.warmup_steps
-        if step >= total:
-            return 0.0
+    def decay(self, step: int, total: int) -> float:
         progress = (step - self.warmup_steps) / (total - self.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -6,7 +6,7 @@ import os
 from types import ModuleType
 from typing import Any, Dict, Optional, Tuple
 
-from villa_plugin.common.errors import ConfigError
+from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.datasets.base import BaseDatasetBuilder
 from villa_plugin.datasets.task_common import ExampleFilter, as_plain_dict, check_split, choice, open_img_db, split_paths
@@ -72,3 +72,14 @@ class DemoBackedBuilder(BaseDatasetBuilder):
         if not img_paths:
             raise ConfigError(f"dataset_config.{self.dataset_name}.img_db.{split} lists no image dbs")
         return source, policy, filt, [open_img_db(p, cfg) for p in img_paths]
+
+    def read_columns(self, cfg: Dict[str, Any], split: str, source: str, img_dbs, filt, policy: str,
+                     count_key: str) -> Dict[str, Any]:
+        """Columns from ``_from_txt_db`` or ``_from_annotations`` (by ``source``); an error when
+        filtering left no example, else one logged summary of what was kept and dropped."""
+        reader = self._from_txt_db if source == "txt_db" else self._from_annotations
+        columns = reader(cfg, split, img_dbs, filt, policy)
+        if not columns[count_key]:
+            raise DataError(f"{self.dataset_name} {split}: no examples left ({dict(filt.dropped)} dropped)")
+        filt.log(len(columns[count_key]))
+        return columns

@@ -158,13 +158,7 @@ class Nlvr2Builder(DemoBackedBuilder):
     def build_dataset(self, split: str) -> Nlvr2Dataset:
         cfg = self.settings()
         source, policy, filt, img_dbs = self.open_split(cfg, split, ("txt_db", "annotations"))
-        if source == "txt_db":
-            columns = self._from_txt_db(cfg, split, img_dbs, filt, policy)
-        else:
-            columns = self._from_annotations(cfg, split, img_dbs, filt, policy)
-        if not columns["identifiers"]:
-            raise DataError(f"{self.dataset_name} {split}: no examples left ({dict(filt.dropped)} dropped)")
-        filt.log(len(columns["identifiers"]))
+        columns = self.read_columns(cfg, split, source, img_dbs, filt, policy, "identifiers")
         return Nlvr2Dataset(
             self.dataset_name, split, cfg, img_dbs=img_dbs, use_img_type=bool(cfg.get("use_img_type", True)),
             lengths_include_cls_sep=bool(cfg.get("lengths_include_cls_sep", True)),

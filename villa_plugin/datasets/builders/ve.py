@@ -96,13 +96,7 @@ class VEBuilder(DemoBackedBuilder):
     def build_dataset(self, split: str) -> VEDataset:
         cfg = self.settings()
         source, policy, filt, img_dbs = self.open_split(cfg, split, ("txt_db", "annotations"))
-        if source == "txt_db":
-            columns = self._from_txt_db(cfg, split, img_dbs, filt, policy)
-        else:
-            columns = self._from_annotations(cfg, split, img_dbs, filt, policy)
-        if not columns["qids"]:
-            raise DataError(f"{self.dataset_name} {split}: no examples left ({dict(filt.dropped)} dropped)")
-        filt.log(len(columns["qids"]))
+        columns = self.read_columns(cfg, split, source, img_dbs, filt, policy, "qids")
         return VEDataset(
             self.dataset_name, split, cfg, img_dbs=img_dbs, label2ans=list(VE_LABELS), num_answers=len(VE_LABELS),
             lengths_include_cls_sep=bool(cfg.get("lengths_include_cls_sep", True)),
