@@ -17,7 +17,7 @@ from villa_plugin.datasets.builders.retrieval_data import RetrievalCorpus, Retri
 from villa_plugin.datasets.collate import collate_rows
 from villa_plugin.datasets.task_common import make_row
 from villa_plugin.metrics import RetrievalRecall, retrieval_recalls
-from villa_plugin.models.checkpoint_keys import load_uniter_checkpoint
+from villa_plugin.backbones.uniter.checkpoint_keys import load_uniter_checkpoint
 from villa_plugin.models.heads_retrieval import ItmTripletLoss, score_bank_pairs, select_hard
 from villa_plugin.models.registered import UNITER
 from villa_plugin.optim import build_param_groups

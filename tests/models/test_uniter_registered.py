@@ -9,10 +9,10 @@ from uniter_testlib import TINY_ARCH, make_batch, tiny_model_config
 from villa_plugin.adversarial.config import AdversarialConfig
 from villa_plugin.common.errors import CheckpointError, ConfigError
 from villa_plugin.config.compose import build_config
-from villa_plugin.models.checkpoint_keys import export_safetensors
+from villa_plugin.backbones.uniter.checkpoint_keys import export_safetensors
 from villa_plugin.models.heads import get_head
 from villa_plugin.models.registered import UNITER, VILLA
-from villa_plugin.models.uniter import UniterConfig
+from villa_plugin.backbones.uniter.model import UniterConfig
 from villa_plugin.registry import registry
 
 OPTIMIZER = {

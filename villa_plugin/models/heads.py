@@ -19,7 +19,7 @@ from torch import nn
 
 from villa_plugin.adversarial.losses import KL_REDUCTIONS
 from villa_plugin.common.errors import ConfigError
-from villa_plugin.models.uniter import UniterConfig, UniterModel, init_uniter_weights
+from villa_plugin.backbones.uniter.model import UniterConfig, UniterModel, init_uniter_weights
 from villa_plugin.registry import suggest
 
 

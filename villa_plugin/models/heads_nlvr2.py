@@ -27,7 +27,7 @@ from torch import nn
 
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.models.heads import HeadSpec, register_head
-from villa_plugin.models.uniter import UniterConfig, UniterModel
+from villa_plugin.backbones.uniter.model import UniterConfig, UniterModel
 
 NLVR2_TYPE_ROWS = 3
 NLVR2_TYPE_COPY = {2: 1}  # the right image's type row starts as the image type row

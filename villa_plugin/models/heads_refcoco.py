@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from villa_plugin.models.heads import HeadSpec, register_head
-from villa_plugin.models.uniter import UniterConfig, UniterModel
+from villa_plugin.backbones.uniter.model import UniterConfig, UniterModel
 from villa_plugin.registry import registry
 
 PAD_SCORE = -1e4  # UNITER's fill value for non-region positions

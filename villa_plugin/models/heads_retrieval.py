@@ -48,7 +48,7 @@ from torch import nn
 
 from villa_plugin.datasets.task_common import packed_layout
 from villa_plugin.models.heads import HeadSpec, register_head
-from villa_plugin.models.uniter import UniterConfig, UniterModel
+from villa_plugin.backbones.uniter.model import UniterConfig, UniterModel
 from villa_plugin.registry import registry
 
 logger = logging.getLogger(__name__)

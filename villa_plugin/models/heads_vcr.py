@@ -18,7 +18,7 @@ from torch import nn
 
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.models.heads import HeadSpec, register_head
-from villa_plugin.models.uniter import UniterConfig
+from villa_plugin.backbones.uniter.model import UniterConfig
 
 VCR_TYPE_ROWS = 4
 VCR_TYPE_COPY = {2: 0, 3: 0}

@@ -13,7 +13,7 @@ from torch import nn
 
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.models.heads import HeadSpec, build_vqa_output, register_head
-from villa_plugin.models.uniter import UniterConfig
+from villa_plugin.backbones.uniter.model import UniterConfig
 
 VE_LABELS = ("contradiction", "entailment", "neutral")
 

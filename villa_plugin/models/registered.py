@@ -36,7 +36,7 @@ from villa_plugin.common.errors import CheckpointError, ConfigError
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.models.base_model import BaseModel
 from villa_plugin.models import heads_nlvr2, heads_refcoco, heads_retrieval, heads_vcr, heads_ve  # noqa: F401  (register the task heads)
-from villa_plugin.models.checkpoint_keys import (
+from villa_plugin.backbones.uniter.checkpoint_keys import (
     LoadReport,
     load_uniter_checkpoint,
     normalize_state_dict,
@@ -44,7 +44,7 @@ from villa_plugin.models.checkpoint_keys import (
     unwrap_state_dict,
 )
 from villa_plugin.models.heads import HeadSpec, build_head_module, get_head
-from villa_plugin.models.uniter import UniterConfig, UniterModel, grow_type_embeddings, grow_word_embeddings
+from villa_plugin.backbones.uniter.model import UniterConfig, UniterModel, grow_type_embeddings, grow_word_embeddings
 from villa_plugin.optim import build_param_groups
 from villa_plugin.registry import registry
 

@@ -9,14 +9,14 @@ from safetensors import safe_open
 
 from uniter_testlib import tiny_config, tiny_model_config
 from villa_plugin.common.errors import CheckpointError
-from villa_plugin.models.checkpoint_keys import (
+from villa_plugin.backbones.uniter.checkpoint_keys import (
     export_safetensors,
     load_safetensors,
     load_uniter_checkpoint,
     normalize_state_dict,
 )
 from villa_plugin.models.registered import UNITER
-from villa_plugin.models.uniter import UniterModel, grow_type_embeddings
+from villa_plugin.backbones.uniter.model import UniterModel, grow_type_embeddings
 
 
 def build_model(seed: int, **overrides) -> UNITER:
@@ -98,7 +98,7 @@ def test_pretraining_heads_unexpected_and_task_head_missing_are_reported_by_name
     state["cls.predictions.bias"] = torch.zeros(100)
     state["itm_output.weight"] = torch.zeros(2, 32)
     path = _save(tmp_path, "uniter-tiny.pt", state)
-    with caplog.at_level(logging.INFO, logger="villa_plugin.models.checkpoint_keys"):
+    with caplog.at_level(logging.INFO, logger="villa_plugin.backbones.uniter.checkpoint_keys"):
         report = load_uniter_checkpoint(target, path)
     assert sorted(report.unexpected) == ["cls.predictions.bias", "itm_output.weight"]
     assert report.missing == ["vqa_output.0.weight", "vqa_output.0.bias", "vqa_output.2.weight",

@@ -10,7 +10,7 @@ from uniter_testlib import make_batch, tiny_config
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.datasets.collate import build_gather_index
-from villa_plugin.models.uniter import (
+from villa_plugin.backbones.uniter.model import (
     UniterConfig,
     UniterModel,
     count_parameters,

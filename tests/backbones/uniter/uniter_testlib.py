@@ -5,7 +5,7 @@ import torch
 
 from villa_plugin.common.sample_list import SampleList
 from villa_plugin.datasets.collate import build_gather_index
-from villa_plugin.models.uniter import UniterConfig
+from villa_plugin.backbones.uniter.model import UniterConfig
 
 TINY_ARCH = {
     "vocab_size": 100,

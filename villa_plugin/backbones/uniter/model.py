@@ -1,4 +1,4 @@
-"""UNITER backbone (Chen et al., ECCV 2020), checkpoint-compatible with the official UNITER/VILLA releases.
+"""UNITER trunk (Chen et al., ECCV 2020), checkpoint-compatible with the official UNITER/VILLA releases.
 
 Read top to bottom: config -> text embeddings -> image embeddings -> encoder -> pooler -> trunk.
 Module attribute names reproduce the official checkpoint keys exactly (``embeddings.word_embeddings``,

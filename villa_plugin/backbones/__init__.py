@@ -1,0 +1,1 @@
+"""Vision-and-language trunks (one package each); see docs/adding_a_backbone.md."""

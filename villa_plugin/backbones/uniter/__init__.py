@@ -1,0 +1,1 @@
+"""The UNITER trunk (``model``) and its checkpoint key maps (``checkpoint_keys``)."""
