@@ -65,6 +65,9 @@ class TinyVLModel(BaseModel):
         bsz, txt_len = batch["input_ids"].shape
         return {"text": (bsz, txt_len, HIDDEN), "image": tuple(batch["img_feat"].shape)}
 
+    def perturbation_masks(self, batch) -> Dict[str, Optional[torch.Tensor]]:
+        return {"text": batch["input_ids"] != 0, "image": None}
+
 
 def make_model(dropout: float = 0.0, seed: int = 0, **config: Any) -> TinyVLModel:
     torch.manual_seed(seed)

@@ -11,12 +11,11 @@ from villa_plugin.adversarial.perturbation import (
     ascent_direction,
     ascent_step,
     init_delta,
-    modality_masks,
+    perturbation_masks,
     perturbation_shapes,
     project,
     row_norms,
 )
-from villa_plugin.common.sample_list import SampleList
 
 
 def test_zero_init_is_an_fp32_leaf():
@@ -111,12 +110,16 @@ def test_shapes_come_from_the_unwrapped_model():
     assert perturbation_shapes(object(), {}, unwrap=lambda m: _Model())["image"] == (2, 5, 6)
 
 
-def test_masks_from_padding_and_box_counts():
-    batch = SampleList(input_ids=torch.tensor([[5, 6, 0], [7, 0, 0]]), num_bbs=[2, 1], img_feat=torch.ones(2, 3, 4))
-    masks = modality_masks(batch, {"text": (2, 3, 8), "image": (2, 3, 4)})
-    assert masks["text"].tolist() == [[True, True, False], [True, False, False]]
-    assert masks["image"].tolist() == [[True, True, False], [True, False, False]]
-    feat = torch.ones(2, 3, 4)
-    feat[0, 2] = 0
-    masks = modality_masks(SampleList(img_feat=feat), {"image": (2, 3, 4)})
-    assert masks["image"].tolist() == [[True, True, False], [True, True, True]]
+def test_masks_come_from_the_model_and_are_checked_against_the_shapes():
+    class Masked(_Model):
+        mask = torch.tensor([[True, False, True], [True, True, False]])
+
+        def perturbation_masks(self, batch):
+            return {"text": self.mask, "image": None}
+
+    shapes = {"text": (2, 3, 4), "image": (2, 5, 6)}
+    masks = perturbation_masks(_Wrapper(Masked()), {}, shapes)
+    assert masks["text"].tolist() == Masked.mask.tolist() and masks["image"] is None
+    Masked.mask = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"perturbation_masks\(\)\['text'\] must be a \[B, L\] = \(2, 3\)"):
+        perturbation_masks(Masked(), {}, shapes)

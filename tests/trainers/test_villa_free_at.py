@@ -51,6 +51,9 @@ class ToyVilla(BaseModel):
         b, d = sample_list.x.shape
         return {"text": (b, 1, self.half), "image": (b, 1, d - self.half)}
 
+    def perturbation_masks(self, sample_list) -> Dict[str, Any]:
+        return {"text": None, "image": None}  # one real token and one real region per row
+
 
 def villa_config(tmp_path, adversarial=None, training=None, optimizer=None, model=MODEL):
     block = {"adv_training": True, "adv_modality": ["image", "text"], "adv_steps": 3, "adv_lr_txt": 0.1,

@@ -1,4 +1,4 @@
-"""VILLA's adversarial core: perturbations, the free-AT engine and the symmetric-KL losses.
+"""VILLA's adversarial core: the Perturbable contract, perturbations, the free-AT engine, the symmetric KL.
 
 Free of trainer and distributed code; see docs/architecture.md ("Adversarial engine").
 """
@@ -9,18 +9,23 @@ from villa_plugin.adversarial.perturbation import (
     ascent_direction,
     ascent_step,
     init_delta,
+    perturbation_masks,
     perturbation_shapes,
     project,
     row_norms,
 )
+from villa_plugin.adversarial.protocol import Perturbable, check_perturbable
 
 __all__ = [
     "AdversarialConfig",
     "FreeATEngine",
     "KL_REDUCTIONS",
+    "Perturbable",
     "ascent_direction",
     "ascent_step",
+    "check_perturbable",
     "init_delta",
+    "perturbation_masks",
     "perturbation_shapes",
     "project",
     "reduce_kl",

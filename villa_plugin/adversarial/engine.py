@@ -20,6 +20,10 @@ through the clean logits f(x) as well (villa-algorithm.md §3).
 Sync rules (distributed.md §7): the clean forward and steps 0..K-2 run inside
 ``sync_context(False)``, the last step's forward and backward inside
 ``sync_context(is_last_micro_batch)``. No ``.item()`` is called: statistics stay on the device.
+The one exception is a start-up check: on the first ascent step of an engine's first micro-batch
+each δ's gradient is read back once (one host sync) to fail loudly when the model ignores or
+detaches a perturbation (δ would stay 0: the run would be dropout consistency, not VILLA). Later
+steps are not checked, so the steady state stays sync-free.
 """
 from __future__ import annotations
 
@@ -30,12 +34,13 @@ import torch
 from torch import nn
 
 from villa_plugin.adversarial.config import AdversarialConfig
+from villa_plugin.common.errors import TrainingError
 from villa_plugin.adversarial.losses import get_kl_reduction, symmetric_kl
 from villa_plugin.adversarial.perturbation import (
     MODALITIES,
     ascent_step,
     init_delta,
-    modality_masks,
+    perturbation_masks,
     perturbation_shapes,
     row_norms,
 )
@@ -68,6 +73,7 @@ class FreeATEngine:
         if not isinstance(adv_config, AdversarialConfig):
             adv_config = AdversarialConfig.from_dict(adv_config)
         self.config = adv_config
+        self.delta_gradients_checked = False  # see the module docstring: checked once, then never
 
     def step(
         self,
@@ -89,8 +95,9 @@ class FreeATEngine:
         - ``sync_context(is_last)``: context for gradient sync (no-sync unless ``is_last``).
         - ``kl_reduction``: ``mean_times_classes`` | ``sum_classes_mean`` | ``mean`` (the model's
           ``kl_reduction``).
-        - ``shapes``: ``{"text": (B, Lt, H), "image": (B, Nb, 2048)}``; default: asked from the
-          unwrapped model (``unwrap`` or the ``.module`` chain).
+        - ``shapes``: ``{"text": (B, Lt, H), "image": (B, Nb, D_img)}``; default: asked from the
+          unwrapped model (``unwrap`` or the ``.module`` chain), as are the masks of the random
+          start (the model's ``perturbation_masks``; see ``adversarial/protocol.py``).
         - ``forward_context()``: wraps every model call (e.g. autocast); backward runs outside it.
         - ``generator``: RNG for the random start when ``adv_init_mag > 0``.
 
@@ -104,8 +111,10 @@ class FreeATEngine:
         if not self.config.adv_training:
             return self._plain_step(model, batch, backward, sync_context, is_last_micro_batch, forward_context)
         run = _Run(self.config, model, batch, backward, forward_context, get_kl_reduction(kl_reduction))
+        run.check_delta_gradients = not self.delta_gradients_checked
         shapes = shapes if shapes is not None else perturbation_shapes(model, batch, unwrap)
-        run.init_deltas(shapes, generator)
+        masks = perturbation_masks(model, batch, shapes, unwrap) if self.config.adv_init_mag > 0 else {}
+        run.init_deltas(shapes, masks, generator)
         steps = self.config.adv_steps
         with sync_context(False):
             run.clean_forward()
@@ -113,6 +122,7 @@ class FreeATEngine:
                 run.ascent_step(t)
         with sync_context(is_last_micro_batch):
             run.ascent_step(steps - 1)
+        self.delta_gradients_checked = True
         return run.stats()
 
     @staticmethod
@@ -149,16 +159,16 @@ class _Run:
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
         self.task_sum, self.kl_sum, self.clean_task = zero.clone(), zero.clone(), zero.clone()
         self.skips = torch.zeros((), dtype=torch.long, device=self.device)
+        self.check_delta_gradients = False
 
     # -- set-up ---------------------------------------------------------------------------
-    def init_deltas(self, shapes: Dict[str, Tuple[int, ...]], generator) -> None:
+    def init_deltas(self, shapes: Dict[str, Tuple[int, ...]], masks: Dict[str, Optional[torch.Tensor]], generator) -> None:
         missing = [m for m in self.active if m not in shapes]
         if missing:
             raise ValueError(
                 f"adv_modality perturbs {missing} but the model's perturbation_shapes gives only "
                 f"{sorted(shapes)}; use a modality the model supports."
             )
-        masks = modality_masks(self.batch, shapes) if self.cfg.adv_init_mag > 0 else {}
         for m in self.active:
             self.deltas[m] = init_delta(
                 shapes[m],
@@ -208,6 +218,8 @@ class _Run:
             self.backward(loss, retain_graph=True)
         else:
             self.backward(loss)
+        if t == 0 and self.check_delta_gradients:
+            self._check_delta_gradients()
         if not last:
             self._update_deltas()
 
@@ -216,10 +228,34 @@ class _Run:
             return [{"text": self.deltas["text"], "image": None}, {"text": None, "image": self.deltas["image"]}]
         return [{m: self.deltas.get(m) for m in MODALITIES}]
 
+    def _check_delta_gradients(self) -> None:
+        """Fail when a δ got no gradient or an identically zero one (one host sync; first step only)."""
+        missing = [m for m in self.active if self.deltas[m].grad is None]
+        if not missing:
+            nonzero = torch.stack([self.deltas[m].grad.ne(0).any() for m in self.active]).tolist()
+            missing = [m for m, moved in zip(self.active, nonzero) if not moved]
+        if missing:
+            model = type(self.model).__name__
+            raise TrainingError(
+                f"Adversarial training cannot perturb {missing}: on the first ascent step the gradient "
+                f"of δ_{'/δ_'.join(missing)} is {'missing' if self.deltas[missing[0]].grad is None else 'identically zero'}, "
+                f"so δ would stay 0 and the run would not be VILLA. {model}.forward(batch, perturbation=...) "
+                f"must add perturbation[{missing[0]!r}] to its input without detaching it (see "
+                f"docs/adding_a_backbone.md), or drop the modality from {self.cfg.key_prefix}.adv_modality."
+            )
+
     def _add_clean_surrogate(self, loss: torch.Tensor) -> torch.Tensor:
         leaf = self.clean_leaf
-        if leaf is None or leaf.grad is None or self.scale_probe is None or self.scale_probe.grad is None:
+        if leaf is None:  # official / detached / K = 1: nothing to add
             return loss
+        if leaf.grad is None or self.scale_probe is None or self.scale_probe.grad is None:
+            which = "the clean-logits leaf" if leaf.grad is None else "the scale probe"
+            raise TrainingError(
+                f"{self.cfg.key_prefix}.formulation=exact: {which} got no gradient from steps 0..K-2, so "
+                f"the clean branch's KL gradient cannot be added. The backward function must back-propagate "
+                f"into every leaf of the loss (loss.backward(), not torch.autograd.backward(..., inputs=params)); "
+                f"fix it, or use formulation: official."
+            )
         upstream = leaf.grad / self.scale_probe.grad  # undo backward's factor: exact for powers of 2
         return loss + (self.z_clean.float() * upstream).sum()
 

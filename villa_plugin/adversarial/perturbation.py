@@ -25,7 +25,7 @@ def unwrapped(model: nn.Module, unwrap: Optional[Callable[[nn.Module], nn.Module
 
 
 def perturbation_shapes(model: nn.Module, batch: Any, unwrap: Optional[Callable] = None) -> Dict[str, Tuple[int, ...]]:
-    """``{"text": (B, Lt, H), "image": (B, Nb, 2048)}`` from the unwrapped model.
+    """``{"text": (B, Lt, H), "image": (B, Nb, D_img)}`` from the unwrapped model.
 
     Shapes come from the batch and the config only: calling a wrapped submodule outside the root
     forward (as the official code does for the shape) crashes under FSDP2.
@@ -123,24 +123,23 @@ def ascent_step(
     return new.detach().requires_grad_(), (~finite).long()
 
 
-def modality_masks(batch: Any, shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Optional[torch.Tensor]]:
-    """``[B, L]`` masks of real text tokens / image regions for the random init (None: all real).
+def perturbation_masks(
+    model: nn.Module, batch: Any, shapes: Dict[str, Tuple[int, ...]], unwrap: Optional[Callable] = None
+) -> Dict[str, Optional[torch.Tensor]]:
+    """The unwrapped model's ``perturbation_masks(batch)``, checked against ``shapes``.
 
-    Text: ``input_ids != 0`` (UNITER pads with 0); image: ``num_bbs`` if it has one entry per row,
-    else regions whose features are not all zero.
+    Each mask is ``[B, L]`` (True = a real token / region) or None (all real); a mask of another
+    shape is a ValueError naming the modality.
     """
-    masks: Dict[str, Optional[torch.Tensor]] = {"text": None, "image": None}
-    get = batch.get if hasattr(batch, "get") else (lambda key, default=None: default)
-    ids = get("input_ids", None)
-    if "text" in shapes and isinstance(ids, torch.Tensor) and tuple(ids.shape) == tuple(shapes["text"][:2]):
-        masks["text"] = ids != 0
-    if "image" in shapes:
-        bsz, nbb = shapes["image"][:2]
-        num_bbs = get("num_bbs", None)
-        feat = get("img_feat", None)
-        if num_bbs is not None and len(num_bbs) == bsz:
-            counts = torch.as_tensor(list(num_bbs)).reshape(-1, 1)
-            masks["image"] = torch.arange(nbb).reshape(1, -1) < counts
-        elif isinstance(feat, torch.Tensor) and tuple(feat.shape[:2]) == (bsz, nbb):
-            masks["image"] = feat.detach().abs().sum(-1) != 0
+    masks = dict(unwrapped(model, unwrap).perturbation_masks(batch) or {})
+    for modality, mask in masks.items():
+        if mask is None or modality not in shapes:
+            continue
+        expected = tuple(shapes[modality][:2])
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected:
+            found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                f"perturbation_masks()[{modality!r}] must be a [B, L] = {expected} mask (True = real), got {found}."
+            )
+        masks[modality] = mask.bool()
     return masks

@@ -18,7 +18,8 @@ class BaseModel(nn.Module):
     engine can read the task loss from the output of any registered model.
 
     ``perturbation`` is ``None`` or a dict ``{"text": Tensor|None, "image": Tensor|None}``; models
-    that support VILLA add it inside their forward (see villa_plugin.adversarial).
+    that support VILLA implement :class:`villa_plugin.adversarial.protocol.Perturbable`
+    (docs/adding_a_backbone.md).
     """
 
     def __init__(self, config: Any):
@@ -54,10 +55,6 @@ class BaseModel(nn.Module):
         if self.losses is not None and len(self.losses) > 0 and has_targets and "losses" not in output:
             output["losses"] = self.losses(sample_list, output)
         return output
-
-    def perturbation_shapes(self, sample_list) -> Dict[str, tuple]:
-        """Shapes of the text and image perturbations this batch takes (for VILLA)."""
-        raise NotImplementedError(f"{type(self).__name__} does not accept perturbations")
 
     def get_optimizer_parameters(self, optimizer_config) -> list:
         """Parameter groups for the optimizer; default: the reference's no-decay substring rule and

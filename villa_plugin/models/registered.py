@@ -45,6 +45,7 @@ from villa_plugin.backbones.uniter.checkpoint_keys import (
 )
 from villa_plugin.models.heads import HeadSpec, build_head_module, get_head
 from villa_plugin.backbones.uniter.model import UniterConfig, UniterModel, grow_type_embeddings, grow_word_embeddings
+from villa_plugin.backbones.uniter.perturbation import uniter_perturbation_masks
 from villa_plugin.optim import build_param_groups
 from villa_plugin.registry import registry
 
@@ -250,6 +251,10 @@ class UNITER(BaseModel):
             "text": (int(input_ids.size(0)), int(input_ids.size(1)), self.uniter_config.hidden_size),
             "image": (int(img_feat.size(0)), int(img_feat.size(1)), int(img_feat.size(2))),
         }
+
+    def perturbation_masks(self, sample_list) -> Dict[str, Optional[torch.Tensor]]:
+        """Real text tokens / image regions (``[B, L]`` bool) for VILLA's random start."""
+        return uniter_perturbation_masks(sample_list)
 
     def _split_perturbation(self, sample_list, perturbation):
         if perturbation is None:

@@ -17,9 +17,8 @@ from typing import Dict
 import torch
 
 from villa_plugin.adversarial import AdversarialConfig, FreeATEngine
-from villa_plugin.common.errors import ConfigError
+from villa_plugin.adversarial.protocol import check_perturbable
 from villa_plugin.common.sample_list import SampleList
-from villa_plugin.models.base_model import BaseModel
 from villa_plugin.registry import registry
 from villa_plugin.trainers.base_trainer import MMFTrainer
 
@@ -40,21 +39,7 @@ class VillaFreeATTrainer(MMFTrainer):
     def _check_model_supports_perturbations(self) -> str:
         if not self.adv_config.adv_training:
             return ""
-        model = self.raw_model
-        name = self.config.get("model")
-        if type(model).perturbation_shapes is BaseModel.perturbation_shapes:
-            raise ConfigError(
-                f'Model "{name}" does not accept perturbations (no perturbation_shapes()), so '
-                f"villa_free_at cannot train it adversarially. Use model=villa, or set "
-                f"model_config.{name}.adversarial.adv_training=false."
-            )
-        reduction = getattr(model, "kl_reduction", None)
-        if not reduction:
-            raise ConfigError(
-                f'Model "{name}" does not say how its task reduces the symmetric KL (attribute '
-                f"kl_reduction: mean_times_classes | sum_classes_mean | mean)."
-            )
-        return reduction
+        return check_perturbable(self.raw_model, self.config.get("model"))
 
     def run_training_batch(self, batch: SampleList, is_last_micro_batch: bool) -> Dict[str, torch.Tensor]:
         """Clean forward + K ascent steps of VILLA on one micro-batch (plain step when disabled)."""
