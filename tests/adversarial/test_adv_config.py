@@ -1,6 +1,8 @@
 """AdversarialConfig: parsing and validation of model_config.<model>.adversarial."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -89,3 +91,29 @@ def test_defaults_and_yaml_values():
 def test_model_without_block_trains_plainly():
     config = AdversarialConfig.from_model_config(OmegaConf.create({"model": "uniter", "model_config": {"uniter": {}}}))
     assert config.adv_training is False
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [({"adv_steps": 1}, "adv_steps=1: the single ascent step is the last one, so δ is never updated"),
+     ({"adv_lr_img": 0.0, "adv_modality": ["image", "text"]}, "adv_lr_img=0: δ_image is never updated")],  # fmt: skip
+)
+def test_settings_that_never_update_delta_are_logged(caplog, settings, expected):
+    from villa_plugin.adversarial import FreeATEngine
+
+    config = AdversarialConfig.from_dict(settings, key_prefix="model_config.villa.adversarial")
+    with caplog.at_level(logging.WARNING, logger="villa_plugin.adversarial.engine"):
+        FreeATEngine(config)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert message.startswith("model_config.villa.adversarial: ") and expected in message
+    assert "δ stays at 0, so the run adds no perturbation" in message
+
+
+def test_default_settings_log_nothing(caplog):
+    from villa_plugin.adversarial import FreeATEngine
+
+    with caplog.at_level(logging.WARNING, logger="villa_plugin.adversarial.engine"):
+        FreeATEngine(AdversarialConfig())
+        FreeATEngine(AdversarialConfig(adv_training=False, adv_steps=1))
+    assert caplog.records == []

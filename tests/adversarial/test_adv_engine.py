@@ -362,3 +362,76 @@ def test_missing_losses_is_a_clear_error():
     del batch["targets"]
     with pytest.raises(ValueError, match="no 'losses'"):
         FreeATEngine(cfg()).step(model, batch, backward=plain_backward)
+
+
+# -- a perturbation that cannot move, a clean gradient that went missing ------------------------
+class _IgnoresImage(type(make_model())):
+    """Accepts ``perturbation`` but drops the image δ (the silent no-adversary run)."""
+
+    def forward(self, batch, perturbation=None):
+        return super().forward(batch, {**(perturbation or {}), "image": None} if perturbation else None)
+
+
+class _ScalesTextToZero(type(make_model())):
+    """Adds ``0 · δ_text``: δ is in the graph but its gradient is identically zero."""
+
+    def forward(self, batch, perturbation=None):
+        if perturbation and perturbation.get("text") is not None:
+            perturbation = {**perturbation, "text": perturbation["text"] * 0.0}
+        return super().forward(batch, perturbation)
+
+
+class _DetachesText(type(make_model())):
+    """Adds the text δ detached: it reaches the logits but no gradient reaches δ."""
+
+    def forward(self, batch, perturbation=None):
+        if perturbation and perturbation.get("text") is not None:
+            perturbation = {**perturbation, "text": perturbation["text"].detach()}
+        return super().forward(batch, perturbation)
+
+
+@pytest.mark.parametrize(
+    "model_cls, modality, why",
+    [(_IgnoresImage, "image", "missing"), (_ScalesTextToZero, "text", "identically zero"), (_DetachesText, "text", "missing")],
+)
+def test_a_delta_the_model_ignores_is_an_error_naming_the_modality(model_cls, modality, why):
+    from villa_plugin.common.errors import TrainingError
+
+    model = model_cls({"dropout": 0.1})
+    model.build()
+    model.init_losses()
+    with pytest.raises(TrainingError, match=rf"cannot perturb \['{modality}'\].*δ_{modality} is {why}"):
+        FreeATEngine(cfg(adv_modality=["image", "text"])).step(model, make_batch(), backward=plain_backward)
+
+
+def test_the_delta_gradient_check_runs_on_the_first_step_only():
+    # checked on the engine's first micro-batch; later ones are not (no host sync in steady state)
+    engine = FreeATEngine(cfg(adv_modality=["image", "text"]))
+    engine.step(make_model(), make_batch(), backward=plain_backward)
+    model = _IgnoresImage({"dropout": 0.0})
+    model.build()
+    model.init_losses()
+    stats = engine.step(model, make_batch(), backward=plain_backward)
+    assert stats["delta_norm_image"].item() == 0.0
+
+
+def params_and_deltas_only(model):
+    """A backward that restricts its inputs: the clean leaf and the scale probe get no ``.grad``."""
+
+    def backward(loss, retain_graph=False):
+        deltas = [d for d in model.calls[-1].values() if d is not None]
+        torch.autograd.backward(loss, inputs=list(model.parameters()) + deltas, retain_graph=retain_graph)
+
+    return backward
+
+
+def test_exact_without_a_clean_leaf_gradient_is_an_error():
+    from villa_plugin.common.errors import TrainingError
+
+    model = make_model()
+    with pytest.raises(TrainingError, match="formulation=exact: the clean-logits leaf got no gradient"):
+        FreeATEngine(cfg(formulation="exact")).step(model, make_batch(), backward=params_and_deltas_only(model))
+    # the official formulation has no such leaf and trains with the same backward
+    model = make_model()
+    FreeATEngine(cfg(formulation="official")).step(model, make_batch(), backward=params_and_deltas_only(model))
+    assert all(p.grad is not None for p in model.parameters())

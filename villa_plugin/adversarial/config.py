@@ -5,7 +5,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 from villa_plugin.common.errors import ConfigError
 
@@ -79,6 +79,38 @@ class AdversarialConfig:
 
     def lr_for(self, modality: str) -> float:
         return self.adv_lr_txt if modality == "text" else self.adv_lr_img
+
+    def never_updated(self) -> List[str]:
+        """Why δ never moves from its start (accepted settings that disable the ascent); [] if it moves.
+
+        ``adv_steps: 1``: the only ascent step is the last one, whose gradient updates the
+        parameters but not δ. A zero ``adv_lr_txt`` / ``adv_lr_img`` freezes that modality's δ.
+        """
+        if not self.adv_training:
+            return []
+        if self.adv_steps == 1:
+            return ["adv_steps=1: the single ascent step is the last one, so δ is never updated"]
+        lr_keys = {"text": "adv_lr_txt", "image": "adv_lr_img"}
+        return [
+            f"{lr_keys[m]}=0: δ_{m} is never updated"
+            for m in ("text", "image")
+            if m in self.adv_modality and self.lr_for(m) == 0
+        ]
+
+    def never_updated_warning(self) -> Optional[str]:
+        """One warning line for :meth:`never_updated`, or None."""
+        reasons = self.never_updated()
+        if not reasons:
+            return None
+        start = (
+            "0, so the run adds no perturbation (task + α·KL between two dropout samples, not VILLA)"
+            if self.adv_init_mag <= 0
+            else "its random start (adv_init_mag), so the run trains on random noise, not adversarial δ"
+        )
+        return (
+            f"{self.key_prefix}: {'; '.join(reasons)}. δ stays at {start}. Set adv_steps >= 2 "
+            f"(the released configs use 3) and non-zero adv_lr_* for adversarial training."
+        )
 
     # -- construction -------------------------------------------------------------------
     @classmethod

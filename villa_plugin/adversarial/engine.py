@@ -28,13 +28,13 @@ steps are not checked, so the steady state stays sync-free.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from villa_plugin.adversarial.config import AdversarialConfig
-from villa_plugin.common.errors import TrainingError
 from villa_plugin.adversarial.losses import get_kl_reduction, symmetric_kl
 from villa_plugin.adversarial.perturbation import (
     MODALITIES,
@@ -44,6 +44,9 @@ from villa_plugin.adversarial.perturbation import (
     perturbation_shapes,
     row_norms,
 )
+from villa_plugin.common.errors import TrainingError
+
+logger = logging.getLogger(__name__)
 
 Backward = Callable[..., Any]  # backward(loss, retain_graph=False)
 SyncContext = Callable[[bool], ContextManager]
@@ -73,6 +76,9 @@ class FreeATEngine:
         if not isinstance(adv_config, AdversarialConfig):
             adv_config = AdversarialConfig.from_dict(adv_config)
         self.config = adv_config
+        warning = adv_config.never_updated_warning()
+        if warning:
+            logger.warning(warning)
         self.delta_gradients_checked = False  # see the module docstring: checked once, then never
 
     def step(
