@@ -1,15 +1,17 @@
-"""VILLA's symmetric KL between clean and perturbed predictions, its per-task reductions, and
-the registered losses ``symmetric_kl`` and ``villa_adversarial``."""
+"""VILLA's symmetric KL between clean and perturbed predictions and its per-task reductions.
+
+The KL term is added by the engine (:mod:`villa_plugin.adversarial.engine`), which holds the
+clean logits; it is not a YAML loss (a model output has no clean logits to compare with), so
+``model_config.<model>.losses`` lists only the task loss and ``adv_kl_weight`` sets α.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Union
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from villa_plugin.common.errors import ConfigError
-from villa_plugin.registry import registry
 
 
 def symmetric_kl(adv_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
@@ -63,69 +65,3 @@ def get_kl_reduction(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def reduce_kl(kl: torch.Tensor, reduction: str) -> torch.Tensor:
     """Reduce an elementwise ``[rows, C]`` KL to a scalar by the task's convention."""
     return get_kl_reduction(reduction)(kl)
-
-
-@registry.register_loss("symmetric_kl")
-class SymmetricKLLoss(nn.Module):
-    """Symmetric KL between ``model_output[scores_key]`` (perturbed) and
-    ``model_output[clean_key]`` (clean reference), reduced by ``reduction``.
-
-    YAML: ``{type: symmetric_kl, params: {reduction: mean_times_classes}}``.
-    """
-
-    def __init__(self, reduction: str = "mean_times_classes", clean_key: str = "clean_scores", scores_key: str = "scores"):
-        super().__init__()
-        get_kl_reduction(reduction)  # fail at build time, not at the first batch
-        self.reduction = reduction
-        self.clean_key = clean_key
-        self.scores_key = scores_key
-
-    def forward(self, sample_list: Any, model_output: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.clean_key not in model_output:
-            raise KeyError(
-                f"symmetric_kl needs the clean logits in model_output[{self.clean_key!r}]; "
-                f"the output has {sorted(model_output)}"
-            )
-        kl = symmetric_kl(model_output[self.scores_key], model_output[self.clean_key])
-        return reduce_kl(kl, self.reduction)
-
-
-@registry.register_loss("villa_adversarial")
-class VillaAdversarialLoss(nn.Module):
-    """``task + kl_weight · symmetric_kl``: VILLA's per-step objective as one YAML loss.
-
-    ``task`` is a loss name or ``{type: <loss>, params: {...}}`` from the registry. The KL term is
-    added only when the output carries the clean logits (``clean_key``); otherwise the task loss is
-    returned alone, so the same loss serves clean evaluation.
-    """
-
-    def __init__(
-        self,
-        task: Union[str, Mapping[str, Any]] = "logit_bce",
-        kl_weight: float = 1.5,
-        reduction: str = "mean_times_classes",
-        clean_key: str = "clean_scores",
-        scores_key: str = "scores",
-    ):
-        super().__init__()
-        self.task_loss = _build_loss(task)
-        self.kl_loss = SymmetricKLLoss(reduction, clean_key=clean_key, scores_key=scores_key)
-        self.kl_weight = float(kl_weight)
-
-    def forward(self, sample_list: Any, model_output: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss = self.task_loss(sample_list, model_output)
-        if self.kl_loss.clean_key in model_output:
-            loss = loss + self.kl_weight * self.kl_loss(sample_list, model_output)
-        return loss
-
-
-def _build_loss(spec: Union[str, Mapping[str, Any], None]) -> nn.Module:
-    if isinstance(spec, str):
-        name, params = spec, {}
-    elif isinstance(spec, Mapping) and "type" in spec:
-        name, params = spec["type"], dict(spec.get("params") or {})
-    else:
-        raise ConfigError(
-            f"villa_adversarial.params.task must be a loss name or {{type: <loss>, params: {{...}}}}, got {spec!r}."
-        )
-    return registry.get_loss_class(name)(**params)
