@@ -7,7 +7,10 @@ state dict of a task model holding this trunk as ``.uniter`` matches ``uniter-ba
 
 VILLA's perturbations enter the embeddings: the text delta ``[B, Lt, H]`` is added to the word
 embeddings before position/type addition and LayerNorm; the image delta ``[B, Nb, 2048]`` is added
-to the raw region features before ``img_linear``.
+to the raw region features before ``img_linear``. Both embedding blocks compute in fp32 whatever
+the parameter dtype (bf16 storage, autocast) and cast to the parameter dtype after their last
+LayerNorm, so a small δ is not rounded away (δ is fp32; see adversarial/protocol.py). With fp32
+parameters and no autocast this is exactly the reference's computation.
 """
 from __future__ import annotations
 
@@ -136,6 +139,18 @@ def init_uniter_weights(module: nn.Module, initializer_range: float = 0.02) -> N
 # ----------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------
+def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` in fp32 (weights upcast, autocast off): exactly ``linear(x)`` for fp32 weights."""
+    bias = None if linear.bias is None else linear.bias.float()
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), linear.weight.float(), bias)
+
+
+def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in fp32 (weights upcast): exactly ``norm(x)`` for fp32 input and weights."""
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+
+
 class UniterTextEmbeddings(nn.Module):
     """``dropout(LN(word(ids) [+ delta] + position(pos_ids) + type(type_ids)))``."""
 
@@ -157,10 +172,14 @@ class UniterTextEmbeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         words = self.word_embeddings(input_ids)
-        if delta is not None:  # VILLA text perturbation: before position/type and LayerNorm
-            words = words + delta.to(words.dtype)
-        embeddings = words + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.LayerNorm(embeddings))
+        compute_dtype = words.dtype
+        words = words.float()
+        if delta is not None:  # VILLA text perturbation: before position/type and LayerNorm, in fp32
+            words = words + delta.float()
+        embeddings = (
+            words + self.position_embeddings(position_ids).float() + self.token_type_embeddings(token_type_ids).float()
+        )
+        return self.dropout(_layer_norm_fp32(self.LayerNorm, embeddings).to(compute_dtype))
 
 
 class UniterImageEmbeddings(nn.Module):
@@ -188,19 +207,18 @@ class UniterImageEmbeddings(nn.Module):
         img_masks: Optional[torch.Tensor] = None,
         delta: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        # Features arrive fp32 from the loader; follow a model cast to bf16/fp16 (no-op otherwise).
-        img_feat = img_feat.to(self.img_linear.weight.dtype)
-        img_pos_feat = img_pos_feat.to(self.pos_linear.weight.dtype)
+        compute_dtype = self.img_linear.weight.dtype
+        img_feat = img_feat.float()  # fp32 up to img_linear: δ is added to the raw features
         if img_masks is not None:  # pretraining (MRM/MRC) only
             with torch.no_grad():
                 self.mask_embedding.weight[0, :].fill_(0)
-            img_feat = img_feat + self.mask_embedding(img_masks.long())
+            img_feat = img_feat + self.mask_embedding(img_masks.long()).float()
         if delta is not None:  # VILLA image perturbation: on the raw features, before img_linear
-            img_feat = img_feat + delta.to(img_feat.dtype)
-        transformed_im = self.img_layer_norm(self.img_linear(img_feat))
-        transformed_pos = self.pos_layer_norm(self.pos_linear(img_pos_feat))
-        embeddings = transformed_im + transformed_pos + type_embeddings
-        return self.dropout(self.LayerNorm(embeddings))
+            img_feat = img_feat + delta.float()
+        transformed_im = _layer_norm_fp32(self.img_layer_norm, _linear_fp32(self.img_linear, img_feat))
+        transformed_pos = _layer_norm_fp32(self.pos_layer_norm, _linear_fp32(self.pos_linear, img_pos_feat))
+        embeddings = transformed_im + transformed_pos + type_embeddings.float()
+        return self.dropout(_layer_norm_fp32(self.LayerNorm, embeddings).to(compute_dtype))
 
 
 # ----------------------------------------------------------------------------------------------
