@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adv_tiny_model import make_batch, make_model
+from adv_tiny_model import TinyVLModel, make_batch, make_model
 from villa_plugin.adversarial import AdversarialConfig, FreeATEngine
+from villa_plugin.common.errors import TrainingError
 
 ACTIVE = {
     ("text",): ["text"],
@@ -365,14 +366,14 @@ def test_missing_losses_is_a_clear_error():
 
 
 # -- a perturbation that cannot move, a clean gradient that went missing ------------------------
-class _IgnoresImage(type(make_model())):
+class _IgnoresImage(TinyVLModel):
     """Accepts ``perturbation`` but drops the image δ (the silent no-adversary run)."""
 
     def forward(self, batch, perturbation=None):
         return super().forward(batch, {**(perturbation or {}), "image": None} if perturbation else None)
 
 
-class _ScalesTextToZero(type(make_model())):
+class _ScalesTextToZero(TinyVLModel):
     """Adds ``0 · δ_text``: δ is in the graph but its gradient is identically zero."""
 
     def forward(self, batch, perturbation=None):
@@ -381,7 +382,7 @@ class _ScalesTextToZero(type(make_model())):
         return super().forward(batch, perturbation)
 
 
-class _DetachesText(type(make_model())):
+class _DetachesText(TinyVLModel):
     """Adds the text δ detached: it reaches the logits but no gradient reaches δ."""
 
     def forward(self, batch, perturbation=None):
@@ -395,8 +396,6 @@ class _DetachesText(type(make_model())):
     [(_IgnoresImage, "image", "missing"), (_ScalesTextToZero, "text", "identically zero"), (_DetachesText, "text", "missing")],
 )
 def test_a_delta_the_model_ignores_is_an_error_naming_the_modality(model_cls, modality, why):
-    from villa_plugin.common.errors import TrainingError
-
     model = model_cls({"dropout": 0.1})
     model.build()
     model.init_losses()
@@ -426,8 +425,6 @@ def params_and_deltas_only(model):
 
 
 def test_exact_without_a_clean_leaf_gradient_is_an_error():
-    from villa_plugin.common.errors import TrainingError
-
     model = make_model()
     with pytest.raises(TrainingError, match="formulation=exact: the clean-logits leaf got no gradient"):
         FreeATEngine(cfg(formulation="exact")).step(model, make_batch(), backward=params_and_deltas_only(model))

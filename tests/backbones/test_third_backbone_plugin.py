@@ -12,6 +12,24 @@ import pytest
 from villa_plugin.cli import run
 
 PACKAGE = "toy_mixer_backbone"
+MODEL_YAML = """
+    model_config:
+      NAME:
+        vocab_size: 30
+        img_dim: 6
+        hidden: 16
+        num_labels: 2
+        dropout: 0.1
+        losses: [cross_entropy]
+        adversarial:
+          adv_training: true
+          adv_modality: [image, text]
+          adv_steps: 2
+          adv_lr_txt: 0.1
+          adv_lr_img: 0.1
+          adv_init_mag: 0.05
+          adv_kl_weight: 1.5
+"""
 PLUGIN_FILES = {
     "__init__.py": """
         from . import data, model  # noqa: F401  (imports register)
@@ -129,35 +147,8 @@ PLUGIN_FILES = {
             def build_dataset(self, split):
                 return PairsDataset(self.dataset_name, split, self.config)
     ''',
-    "configs/model.yaml": """
-        model_config:
-          toy_mixer_vl:
-            vocab_size: 30
-            img_dim: 6
-            hidden: 16
-            num_labels: 2
-            dropout: 0.1
-            losses: [cross_entropy]
-            adversarial:
-              adv_training: true
-              adv_modality: [image, text]
-              adv_steps: 2
-              adv_lr_txt: 0.1
-              adv_lr_img: 0.1
-              adv_init_mag: 0.05
-              adv_kl_weight: 1.5
-    """,
-    "configs/model_no_masks.yaml": """
-        model_config:
-          toy_mixer_vl_no_masks:
-            vocab_size: 30
-            img_dim: 6
-            hidden: 16
-            num_labels: 2
-            dropout: 0.1
-            losses: [cross_entropy]
-            adversarial: {adv_training: true, adv_modality: [text], adv_steps: 2}
-    """,
+    "configs/model.yaml": MODEL_YAML.replace("NAME", "toy_mixer_vl"),
+    "configs/model_no_masks.yaml": MODEL_YAML.replace("NAME", "toy_mixer_vl_no_masks"),
     "configs/data.yaml": """
         dataset_config:
           toy_mixer_pairs:
