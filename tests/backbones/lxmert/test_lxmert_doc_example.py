@@ -26,7 +26,7 @@ def test_lxmert_doc_example_runs(tmp_path):
 
     model = namespace["model"]
     report = namespace["report"]
-    assert report.layout == "official_pretrained" and len(report.loaded) == len(donor.lxmert.state_dict())
+    assert report.layout == "official" and len(report.loaded) == len(donor.lxmert.state_dict())
     assert sorted(report.missing) == sorted(f"logit_fc.{k}" for k in model.logit_fc.state_dict())
     assert torch.equal(model.lxmert.pooler.dense.weight, donor.lxmert.pooler.dense.weight)
     assert namespace["stats"]["delta_norm_text"] > 0
