@@ -13,7 +13,7 @@ Every head reads only the pooled language [CLS] and is one ``logit_fc`` Sequenti
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ class LxmertHeadSpec:
     rows_per_example: int
     kl_reduction: str
     losses: List[Any]
-    fixed_labels: Any = None
+    fixed_labels: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.kl_reduction not in KL_REDUCTIONS:
