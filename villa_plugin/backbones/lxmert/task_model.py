@@ -95,12 +95,13 @@ class LxmertForTask(BaseModel):
         feats = batch["img_feat"]
         if num_bbs is None:
             return None
-        counts = torch.as_tensor([int(n) for n in num_bbs], device=feats.device)
-        if counts.numel() != feats.size(0):
-            raise ValueError(f"num_bbs has {counts.numel()} entries for {feats.size(0)} rows of img_feat.")
-        if bool((counts == feats.size(1)).all()):
+        counts = [int(n) for n in num_bbs]  # a host list: deciding needs no device sync
+        if len(counts) != feats.size(0):
+            raise ValueError(f"num_bbs has {len(counts)} entries for {feats.size(0)} rows of img_feat.")
+        if all(n == feats.size(1) for n in counts):
             return None
-        return torch.arange(feats.size(1), device=feats.device).unsqueeze(0) < counts.unsqueeze(1)
+        counts_t = torch.as_tensor(counts, device=feats.device)
+        return torch.arange(feats.size(1), device=feats.device).unsqueeze(0) < counts_t.unsqueeze(1)
 
     @staticmethod
     def boxes(batch) -> torch.Tensor:
