@@ -27,7 +27,7 @@ from torch import nn
 from villa_plugin.backbones.lxmert.answer_table import SOURCE_PREFIX as PRETRAIN_ANSWER_PREFIX
 from villa_plugin.backbones.lxmert.answer_table import remap_answer_head
 from villa_plugin.common.errors import CheckpointError
-from villa_plugin.models.checkpoint_keys import LoadReport, _log_report, read_checkpoint_file, unwrap_state_dict
+from villa_plugin.backbones.uniter.checkpoint_keys import LoadReport, _log_report, read_checkpoint_file, unwrap_state_dict
 
 TRUNK = "lxmert."
 HEAD = "logit_fc."
