@@ -66,12 +66,9 @@ def load_pretraining_checkpoint(
     Returns the :class:`LoadReport`; ``report.notes`` names the pre-training heads the file lacks.
     Raises :class:`CheckpointError` on shape mismatches, broken ties, or a file with no usable key.
     """
-    if isinstance(path_or_state, (str, os.PathLike)):
-        source = source or str(path_or_state)
-        raw = read_checkpoint_file(str(path_or_state))
-    else:
-        source = source or "<state dict>"
-        raw = path_or_state
+    is_path = isinstance(path_or_state, (str, os.PathLike))
+    source = source or (str(path_or_state) if is_path else "<state dict>")
+    raw = read_checkpoint_file(str(path_or_state)) if is_path else path_or_state
     renamed, first = normalize_state_dict(unwrap_state_dict(raw, source), model.state_dict().keys())
     notes = list(first.notes)
     state = _resolve_ties(renamed, source, notes)
