@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from villa_plugin.models.uniter import UniterConfig
+from villa_plugin.backbones.uniter.model import UniterConfig
 from villa_plugin.tasks.pretrain.masking import TextSpecials, mlm_text, plain_text, region_mask
 from villa_plugin.tasks.pretrain.model import UniterForPretraining
 

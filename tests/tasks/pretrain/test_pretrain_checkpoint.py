@@ -6,7 +6,7 @@ import torch
 
 from pretrain_testlib import TINY_ARCH, tiny_model
 from villa_plugin.common.errors import CheckpointError
-from villa_plugin.models.checkpoint_keys import export_safetensors
+from villa_plugin.backbones.uniter.checkpoint_keys import export_safetensors
 from villa_plugin.models.registered import UNITER
 from villa_plugin.tasks.pretrain.checkpoint import load_pretraining_checkpoint
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pretrain_testlib import tiny_model
-from villa_plugin.models.uniter import UniterConfig
+from villa_plugin.backbones.uniter.model import UniterConfig
 from villa_plugin.tasks.pretrain.model import UniterForPretraining
 
 HEAD_KEYS = {

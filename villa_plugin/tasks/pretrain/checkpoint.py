@@ -1,6 +1,6 @@
 """Loading the pre-training heads from official ``uniter-*.pt`` / ``villa-*.pt`` (continue pre-training).
 
-Every key variant of :func:`villa_plugin.models.checkpoint_keys.load_uniter_checkpoint` is accepted
+Every key variant of :func:`villa_plugin.backbones.uniter.checkpoint_keys.load_uniter_checkpoint` is accepted
 (wrappers, ``module.``, ``bert.`` names, ``gamma``/``beta``, fp16). On top of it:
 
 - the tied tensors are checked: a file holding both names of a tie (``cls.predictions.decoder.weight``
@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from villa_plugin.common.errors import CheckpointError
-from villa_plugin.models.checkpoint_keys import (
+from villa_plugin.backbones.uniter.checkpoint_keys import (
     LoadReport,
     load_uniter_checkpoint,
     normalize_state_dict,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from villa_plugin.common.errors import DataError
-from villa_plugin.models.uniter import IMG_DIM, UniterConfig, UniterModel, init_uniter_weights
+from villa_plugin.backbones.uniter.model import IMG_DIM, UniterConfig, UniterModel, init_uniter_weights
 from villa_plugin.tasks.pretrain import losses as L
 from villa_plugin.tasks.pretrain.heads import IMG_LABEL_DIM, MLMHead, RegionClassification, RegionFeatureRegression
 from villa_plugin.tasks.pretrain.ot import wra_distance
