@@ -147,7 +147,7 @@ def test_adversarial_training_learns(tmp_path):
     config = villa_config(tmp_path, training={"max_updates": 40, "callbacks": [{"type": "test_record"}]},
                           optimizer={"params": {"lr": 1e-2, "weight_decay": 0.01}})  # fmt: skip
     config.run_type = "train_val"
-    config.evaluation = {"metrics": ["accuracy"]}
+    config.evaluation.metrics = ["accuracy"]
     trainer = train(VillaFreeATTrainer, config)
     updates = trainer.recorded["updates"]
     assert sum(u["train/adv/task_loss"] for u in updates[-5:]) < sum(u["train/adv/task_loss"] for u in updates[:5])
