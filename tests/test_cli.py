@@ -19,12 +19,13 @@ from villa_plugin.common.errors import DataError
 from villa_plugin.datasets.base import BaseDatasetBuilder
 from villa_plugin.models.base_model import BaseModel
 from villa_plugin.registry import registry
+from villa_plugin.trainers.base_trainer import MMFTrainer
 
 TRAINER = "tst_cli_trainer"
 LAUNCH_MODULE = "villa_plugin.distributed.launch"
 
 
-class RecordingTrainer:
+class RecordingTrainer(MMFTrainer):
     """Records the config it was built with and whether run() was called; can raise on demand."""
 
     instances: list = []

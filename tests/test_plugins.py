@@ -1,9 +1,8 @@
 """Plugin discovery: env.user_dir / MMF_USER_DIR, entry points, and an end-to-end external plugin.
 
 The end-to-end tests run ``python -m villa_plugin.cli`` on a plugin package written under tmp_path
-(its own model ``myteam_mlp``, builder ``myteam_numbers`` and their defaults YAML). The trainer is
-``TRAINER``: for now a stand-in that the plugin itself registers; switch it to the core ``mmf``
-trainer with this one line once that trainer exists (the assertions do not depend on which).
+(its own model ``myteam_mlp``, builder ``myteam_numbers`` and their defaults YAML) with the core
+``mmf`` trainer.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ TRAINER = "mmf"
 # -- a small external plugin package, written by the tests ---------------------------------------
 PLUGIN_FILES = {
     "__init__.py": """
-        from . import model, numbers, standin_trainer  # noqa: F401  (imports register)
+        from . import model, numbers  # noqa: F401  (imports register)
     """,
     "trace.py": """
         import os
@@ -116,40 +115,6 @@ PLUGIN_FILES = {
             def build_dataset(self, split):
                 trace(f"build_dataset {split} n={self.config.num_examples}")
                 return NumbersDataset(self.dataset_name, split, self.config)
-    """,
-    "standin_trainer.py": """
-        import torch
-
-        from villa_plugin.registry import registry
-
-
-        @registry.register_trainer("myteam_standin", override=True)
-        class StandInTrainer:
-            # Stand-in for the core `mmf` trainer: the selected model on the first dataset, plain SGD.
-
-            def __init__(self, config):
-                self.config = config
-
-            def run(self):
-                c = self.config
-                model = registry.get_model_class(c.model)(c.model_config[c.model])
-                model.build()
-                model.init_losses()
-                name = c.datasets[0]
-                builder = registry.get_builder_class(name)(name, c.dataset_config[name])
-                builder.prepare()
-                dataset = builder.build_dataset("train")
-                optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-                size = c.training.batch_size
-                losses = []
-                for step in range(c.training.max_updates):
-                    batch = dataset.collate([dataset[(step * size + i) % len(dataset)] for i in range(size)])
-                    loss = sum(v.mean() for v in model(batch)["losses"].values())
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(loss.item())
-                assert all(l == l for l in losses), "non-finite loss"
     """,
     "configs/model.yaml": """
         model_config:

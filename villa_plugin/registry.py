@@ -10,12 +10,15 @@ Usage mirrors MMF::
     registry.get_model_class("my_model")
 
 Unlike MMF, an unknown name raises :class:`RegistryError` listing what is registered and the
-closest match, and registering a name twice is an error unless ``override=True``.
+closest match, registering a name twice is an error unless ``override=True``, and a class
+registered under a kind with a base class (model, builder, trainer, callback, strategy, metric)
+must subclass it.
 """
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict
+import importlib
+from typing import Any, Callable, Dict, Optional
 
 KINDS = (
     "model",
@@ -29,6 +32,18 @@ KINDS = (
     "scheduler",
     "strategy",
 )
+
+# The class a registered component of a kind must subclass ("module:qualname", resolved lazily:
+# the base modules import this one).
+BASE_CLASSES = {
+    "model": "villa_plugin.models.base_model:BaseModel",
+    "builder": "villa_plugin.datasets.base:BaseDatasetBuilder",
+    "trainer": "villa_plugin.trainers.base_trainer:MMFTrainer",
+    "callback": "villa_plugin.trainers.callbacks:Callback",
+    "strategy": "villa_plugin.distributed.base:Strategy",
+    "metric": "villa_plugin.metrics:BaseMetric",
+}
+BUILTINS_MODULE = "villa_plugin.components"
 
 _MISSING = object()
 
@@ -49,14 +64,18 @@ def suggest(name: str, candidates) -> str:
 class Registry:
     """One name -> object table per component kind, plus a generic key/value store."""
 
-    def __init__(self) -> None:
+    def __init__(self, builtins_module: Optional[str] = BUILTINS_MODULE) -> None:
         self._tables: Dict[str, Dict[str, Any]] = {kind: {} for kind in KINDS}
         self._state: Dict[str, Any] = {}
+        self._builtins_module = builtins_module
+        self._builtins_loaded = builtins_module is None
+        self._builtins_loading = False
 
     # -- generic registration -------------------------------------------------------------
     def register_component(self, kind: str, name: str, obj: Any, override: bool = False) -> Any:
         table = self._table(kind)
-        if name in table and table[name] is not obj and not override:
+        _check_base_class(kind, name, obj)
+        if name in table and table[name] is not obj and not override and not _same_definition(table[name], obj):
             raise RegistryError(
                 f'{kind} "{name}" is already registered ({_describe(table[name])}). '
                 f"Pick another name, or pass override=True to replace it on purpose."
@@ -65,7 +84,7 @@ class Registry:
         return obj
 
     def get_component(self, kind: str, name: str) -> Any:
-        _ensure_builtins_loaded()
+        self._ensure_builtins_loaded()
         table = self._table(kind)
         if name not in table:
             known = ", ".join(sorted(table)) or "(none)"
@@ -76,8 +95,24 @@ class Registry:
         return table[name]
 
     def names(self, kind: str):
-        _ensure_builtins_loaded()
+        self._ensure_builtins_loaded()
         return sorted(self._table(kind))
+
+    def _ensure_builtins_loaded(self) -> None:
+        """Import the package's own components, so look-ups see every built-in name.
+
+        Marked done only once the import succeeded: after a failed import (a missing dependency,
+        say) the next look-up tries again and raises the same error, instead of reporting the
+        names that happened to register before the failure.
+        """
+        if self._builtins_loaded or self._builtins_loading:
+            return
+        self._builtins_loading = True  # look-ups made while importing see the partial tables
+        try:
+            importlib.import_module(self._builtins_module)
+            self._builtins_loaded = True
+        finally:
+            self._builtins_loading = False
 
     def _table(self, kind: str) -> Dict[str, Any]:
         if kind not in self._tables:
@@ -174,16 +209,27 @@ def _describe(obj: Any) -> str:
     return f"{module}.{qualname}"
 
 
-_builtins_loaded = False
+def _same_definition(old: Any, new: Any) -> bool:
+    """True for the same class defined again by a module imported a second time (a retried
+    import of the built-ins after a failure re-runs the module that failed)."""
+    return isinstance(old, type) and isinstance(new, type) and _describe(old) == _describe(new)
 
 
-def _ensure_builtins_loaded() -> None:
-    """Import the package's own components once, so look-ups see every built-in name."""
-    global _builtins_loaded
-    if _builtins_loaded:
+def _check_base_class(kind: str, name: str, obj: Any) -> None:
+    """A class registered under ``kind`` must subclass the kind's base class (BASE_CLASSES)."""
+    path = BASE_CLASSES.get(kind)
+    if path is None:
         return
-    _builtins_loaded = True
-    from villa_plugin import components  # noqa: F401  (imports register everything)
+    module_name, qualname = path.split(":")
+    if isinstance(obj, type) and f"{obj.__module__}:{obj.__qualname__}" == path:
+        return  # the base class itself (e.g. the `mmf` trainer), registered while its module loads
+    base = getattr(importlib.import_module(module_name), qualname)
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        what = f"class {_describe(obj)}" if isinstance(obj, type) else f"{type(obj).__name__} {obj!r}"
+        raise RegistryError(
+            f'Cannot register {kind} "{name}": {what} does not subclass {module_name}.{qualname}. '
+            f"Derive it from {qualname} (from {module_name} import {qualname})."
+        )
 
 
 registry = Registry()

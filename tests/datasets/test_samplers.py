@@ -114,7 +114,8 @@ class _Tiny(BaseDataset):
 
 
 def _config(**training):
-    return OmegaConf.create({"training": {"batching": "fixed", "batch_size": 4, "batch_size_tokens": 0, "num_workers": 0, **training},
+    return OmegaConf.create({"training": {"batching": "fixed", "batch_size": 4, "batch_size_tokens": 0, "num_workers": 0,
+                                          "pin_memory": False, "persistent_workers": False, **training},
                              "evaluation": {"batch_size": None, "batch_size_tokens": None}})
 
 

@@ -44,4 +44,5 @@ def test_villa_doc_example_runs_and_produces_gradients(tmp_path):
     assert "uniter.embeddings.word_embeddings.weight" in grads and "vqa_output.3.weight" in grads
     assert all(torch.isfinite(g).all() for g in grads.values())
     stats = namespace["stats"]
-    assert float(stats["delta_norm_text"]) > 0 and float(stats["kl"]) >= 0
+    # a non-zero delta moves the perturbed scores away from the clean ones: the KL term is positive
+    assert float(stats["delta_norm_text"]) > 0 and float(stats["kl"]) > 0

@@ -34,3 +34,11 @@ def test_mmf_run_trains_evaluates_and_predicts(tmp_path, capsys):
 def test_mmf_run_reports_a_missing_resume_file_as_a_user_error(tmp_path, capsys):
     assert _mmf_run(tmp_path / "save", "run_type=train", "checkpoint.resume=true") == 1
     assert "current.ckpt" in capsys.readouterr().err
+
+
+def test_villa_demo_under_the_plain_trainer_fails_naming_both_keys(tmp_path, capsys):
+    demo = Path(__file__).resolve().parents[2] / "projects" / "villa" / "demo.yaml"
+    assert run([f"config={demo}", "training.trainer=mmf", f"env.save_dir={tmp_path / 'save'}", "training.device=cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "model_config.villa.adversarial.adv_training=true" in err and "training.trainer=mmf" in err
+    assert "training.trainer=villa_free_at" in err

@@ -109,7 +109,8 @@ def test_evaluation_reports_metrics_and_losses(tmp_path):
     final = trainer.run()
     assert [u for u, _ in trainer.recorded["val"]] == [10, 20]
     for _, report in trainer.recorded["val"]:
-        assert 0.0 <= report[f"val/{DATASET}/accuracy"] <= 1.0
+        correct = report[f"val/{DATASET}/accuracy"] * 40  # 40 val examples, each counted once
+        assert correct == pytest.approx(round(correct)) and round(correct) > 0
         assert report[f"val/{DATASET}/cross_entropy"] > 0
         assert report["val/total_loss"] == pytest.approx(report[f"val/{DATASET}/cross_entropy"])
     assert f"val/{DATASET}/accuracy" in final  # the final val pass of train_val
@@ -245,3 +246,49 @@ def test_values_a_subclass_returns_are_logged(tmp_path, caplog):
 def test_update_frequency_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="update_frequency"):
         _trainer(tmp_path, {"training": {"update_frequency": 0}}).run()
+
+
+class _SeamsTrainer(MMFTrainer):
+    """Overrides the public build steps, detectron2 style."""
+
+    def build_datasets(self, plan):
+        datasets = super().build_datasets(plan)
+        self.built_splits = sorted(datasets)
+        return datasets
+
+    def build_model(self):
+        model = super().build_model()
+        model.built_by_seam = True
+        return model
+
+    def build_optimizer(self, param_groups):
+        return torch.optim.SGD(param_groups, lr=0.1, momentum=0.9)
+
+
+def test_build_seams_are_used(tmp_path):
+    trainer = _SeamsTrainer(make_config(tmp_path / "save", {"run_type": "train", "training": {"max_updates": 2}}))
+    trainer.setup(RunPlan.parse("train"))
+    trainer.train()
+    assert trainer.built_splits == ["train"] and trainer.raw_model.built_by_seam
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and trainer.num_updates == 2
+    assert trainer.optimizer.state and all("momentum_buffer" in s for s in trainer.optimizer.state.values())
+
+
+@pytest.mark.parametrize("key", ["training.evaluation_interval", "training.checkpoint_interval", "training.batching"])
+def test_settings_come_from_the_composed_config_only(tmp_path, key):
+    """No second default in code: a config without the key (not composed from defaults.yaml) is an
+    error naming it, instead of silently using a value the YAML does not show."""
+    config = make_config(tmp_path / "save", {"training": {"max_updates": 2}})
+    section, name = key.split(".")
+    del config[section][name]
+    with pytest.raises(ConfigError, match=rf'Config key "{key}" is missing.*configs/defaults.yaml'):
+        MMFTrainer(config).run()
+
+
+def test_backward_can_keep_the_graph(tmp_path):
+    trainer = _trainer(tmp_path)
+    weight = torch.ones(3, requires_grad=True)
+    loss = (weight * 2).sum()
+    trainer.backward(loss, retain_graph=True)
+    trainer.backward(loss)  # the graph is still there for a second pass
+    assert torch.equal(weight.grad, torch.full((3,), 4.0))

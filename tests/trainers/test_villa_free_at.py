@@ -150,9 +150,19 @@ def test_adversarial_training_learns(tmp_path):
     config = villa_config(tmp_path, training={"max_updates": 40, "callbacks": [{"type": "test_record"}]},
                           optimizer={"params": {"lr": 1e-2, "weight_decay": 0.01}})  # fmt: skip
     config.run_type = "train_val"
-    config.evaluation = {"metrics": ["accuracy"]}
+    config.evaluation.metrics = ["accuracy"]
     trainer = train(VillaFreeATTrainer, config)
     updates = trainer.recorded["updates"]
     assert sum(u["train/adv/task_loss"] for u in updates[-5:]) < sum(u["train/adv/task_loss"] for u in updates[:5])
     assert trainer.recorded["val"], "train_val must have evaluated"
     assert trainer.recorded["val"][-1][1][f"val/{DATASET}/accuracy"] > 0.4  # chance: 0.25
+
+
+def test_adv_training_under_the_plain_trainer_is_a_config_error(tmp_path):
+    """Silent fallback 1: the plain ``mmf`` trainer would train a VILLA config without adversaries."""
+    config = villa_config(tmp_path)
+    config.training.trainer = "mmf"
+    with pytest.raises(ConfigError, match=rf"model_config.{MODEL}.adversarial.adv_training=true, but training.trainer=mmf .*training.trainer=villa_free_at.*adv_training=false"):
+        train(MMFTrainer, config)
+    config.model_config[MODEL].adversarial.adv_training = False  # the plain baseline stays allowed
+    assert train(MMFTrainer, config).num_updates == 4

@@ -27,6 +27,7 @@ from villa_plugin.trainers.callbacks import Callback
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "test_toy_mlp"
 DATASET = "test_numbers"
+DATASET_B = "test_numbers_b"  # a second numbers dataset (own size and seed), for multi-dataset runs
 
 
 @registry.register_model(MODEL, override=True)
@@ -105,6 +106,13 @@ class NumbersBuilder(BaseDatasetBuilder):
         return NumbersDataset(self.dataset_name, split, self.config)
 
 
+@registry.register_builder(DATASET_B, override=True)
+class NumbersBuilderB(NumbersBuilder):
+    @classmethod
+    def config_path(cls) -> str:
+        return str(Path(__file__).resolve().parent / "trainer_toys_dataset_b.yaml")
+
+
 @registry.register_callback("test_kill_at", override=True)
 class KillAt(Callback):
     """SIGKILLs this process right after update ``update`` (after the built-in callbacks ran)."""
@@ -124,6 +132,7 @@ class Record(Callback):
 
     def on_update_end(self, stats) -> None:
         self.trainer.recorded["updates"].append({k: float(v) for k, v in stats.items()})
+        self.trainer.recorded.setdefault("sources", []).append(getattr(self.trainer, "last_update_source", None))
 
     def on_validation_end(self, split, report) -> None:
         self.trainer.recorded["val"].append((self.trainer.num_updates, dict(report)))

@@ -14,22 +14,22 @@ from torch.utils.data import DataLoader
 
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.datasets.samplers import FixedSizeBatchSampler, TokenBucketBatchSampler
-from villa_plugin.common.config_access import config_value as _get
+from villa_plugin.common.config_access import setting
 
 
 def build_batch_sampler(dataset, config: Any, split: str, rank: int = 0, world_size: int = 1, seed: int = 0):
     """The batch sampler of ``split``: shuffled and truncated-to-equal-counts for ``train`` only."""
     training = split == "train"
-    batching = str(_get(config, "training.batching", "fixed"))
+    batching = str(setting(config, "training.batching"))
     common = dict(rank=rank, world_size=world_size, shuffle=training, drop_last=training, seed=seed)
     if batching == "fixed":
-        size = _get(config, "training.batch_size") if training else _get(config, "evaluation.batch_size", _get(config, "training.batch_size"))
+        size = _eval_or_train(config, "batch_size", training)
         if not size or int(size) < 1:
             raise ConfigError(f"training.batching=fixed needs a batch size >= 1 (training.batch_size / evaluation.batch_size), got {size}")
         return FixedSizeBatchSampler(len(dataset), int(size), **common)
     if batching == "token_bucket":
         key = "training.batch_size_tokens" if training else "evaluation.batch_size_tokens"
-        tokens = _get(config, key) if training else _get(config, key, _get(config, "training.batch_size_tokens"))
+        tokens = _eval_or_train(config, "batch_size_tokens", training)
         if not tokens or int(tokens) < 1:
             raise ConfigError(
                 f"training.batching=token_bucket needs {key} (tokens per process per micro-batch, padding "
@@ -42,11 +42,17 @@ def build_batch_sampler(dataset, config: Any, split: str, rank: int = 0, world_s
     raise ConfigError(f'training.batching must be "fixed" or "token_bucket", got "{batching}"')
 
 
+def _eval_or_train(config: Any, name: str, training: bool) -> Any:
+    """``training.<name>``; for evaluation ``evaluation.<name>`` unless null (= the training value)."""
+    value = None if training else setting(config, f"evaluation.{name}")
+    return setting(config, f"training.{name}") if value is None else value
+
+
 def build_loader(dataset, config: Any, split: str, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, start_batch: int = 0) -> DataLoader:
     """A DataLoader over ``dataset`` with ``dataset.collate`` and the configured batch sampler,
     positioned at ``epoch`` after ``start_batch`` batches."""
     sampler = build_batch_sampler(dataset, config, split, rank, world_size, seed)
-    workers = int(_get(config, "training.num_workers", 0))
+    workers = int(setting(config, "training.num_workers"))
     # A private generator: creating an iterator then never draws from the global torch RNG, which
     # keeps resumed runs bit-identical to uninterrupted ones.
     loader = DataLoader(
@@ -54,8 +60,8 @@ def build_loader(dataset, config: Any, split: str, rank: int = 0, world_size: in
         batch_sampler=sampler,
         collate_fn=dataset.collate,
         num_workers=workers,
-        pin_memory=bool(_get(config, "training.pin_memory", False)),
-        persistent_workers=bool(_get(config, "training.persistent_workers", False)) and workers > 0,
+        pin_memory=bool(setting(config, "training.pin_memory")),
+        persistent_workers=bool(setting(config, "training.persistent_workers")) and workers > 0,
         generator=torch.Generator(),
     )
     set_loader_epoch(loader, epoch, start_batch)

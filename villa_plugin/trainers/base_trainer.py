@@ -6,8 +6,14 @@ micro-batches, not averaged, as the reference) -> skip if any value was non-fini
 clip (``strategy.clip_grad_norm``) -> optimizer step -> schedule step -> callbacks (logging,
 evaluation, early stopping, checkpoint, user callbacks).
 
-Subclasses (e.g. ``villa_free_at``) override only :meth:`run_training_batch`; it receives the batch
-already on the device and returns detached values to log (any keys).
+Subclasses (e.g. ``villa_free_at``) override :meth:`run_training_batch`; it receives the batch
+already on the device and returns detached values to log (any keys). The build steps are public
+seams a subclass may override (detectron2 style): :meth:`build_datasets`, :meth:`build_model`,
+:meth:`build_optimizer`; :meth:`backward` is the one place a loss is back-propagated.
+
+Several train datasets (``datasets: a,b``): each update draws all its micro-batches from one of
+them, chosen by a seeded, resumable source sampler (``multitasking.type``); see train_streams.py.
+Every setting is read from the composed config (defaults live only in configs/defaults.yaml).
 """
 from __future__ import annotations
 
@@ -28,17 +34,19 @@ from villa_plugin.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from villa_plugin.common.config_access import setting
 from villa_plugin.common.device import select_device
 from villa_plugin.common.errors import CheckpointError, ConfigError, TrainingError
 from villa_plugin.common.logger import TrainingLogger, ensure_console_logging, get_logger
 from villa_plugin.common.sample_list import SampleList
-from villa_plugin.datasets.loader import build_loader, set_loader_epoch
+from villa_plugin.datasets.loader import build_loader
 from villa_plugin.distributed import build_strategy
 from villa_plugin.metrics import parse_metric_specs
-from villa_plugin.optim import build_optimizer, build_scheduler
+from villa_plugin.optim import build_optimizer as optimizer_from_config, build_scheduler
 from villa_plugin.registry import registry
 from villa_plugin.trainers.callbacks import EarlyStoppingCallback, build_callbacks
 from villa_plugin.trainers.runtime import RunPlan, autocast, cfg, check_precision
+from villa_plugin.trainers.train_streams import DatasetStream, build_source_sampler
 
 CHECKPOINT_FORMAT = 1
 
@@ -46,6 +54,9 @@ CHECKPOINT_FORMAT = 1
 @registry.register_trainer("mmf")
 class MMFTrainer:
     """``MMFTrainer(config).run()``; ``config`` is the composed OmegaConf config."""
+
+    #: whether run_training_batch runs VILLA's adversarial loop (model_config.<m>.adversarial)
+    runs_adversarial_loop = False
 
     def __init__(self, config: Any):
         self.config = config
@@ -58,14 +69,15 @@ class MMFTrainer:
         self.stop_reason: Optional[str] = None
         self.scheduler = None
         self.scaler = None
-        self._train_iter = None
+        self.train_streams: Dict[str, DatasetStream] = {}
+        self.source_sampler = None
 
     # ------------------------------------------------------------------------------------
     # entry point
     # ------------------------------------------------------------------------------------
     def run(self) -> Dict[str, float]:
         """Do what ``run_type`` asks; returns the final evaluation values (if any)."""
-        plan = RunPlan.parse(self.config.run_type, cfg(self.config, "evaluation.predict", False))
+        plan = RunPlan.parse(self.config.run_type, setting(self.config, "evaluation.predict"))
         self.setup(plan)
         final: Dict[str, float] = {}
         try:
@@ -91,57 +103,72 @@ class MMFTrainer:
         checkpoint the config asks to resume from (RNG state restored last)."""
         config = self.config
         self.plan = plan
-        _apply_num_threads(cfg(config, "training.num_threads", None))
-        self.device = select_device(cfg(config, "training.device", "auto"))
+        self.check_adversarial_settings()
+        _apply_num_threads(setting(config, "training.num_threads"))
+        self.device = select_device(setting(config, "training.device"))
         self.strategy = build_strategy(config, self.device)
         self.is_main = self.strategy.is_main
-        self.save_dir = os.path.abspath(os.path.expanduser(str(cfg(config, "env.save_dir", "./save"))))
+        self.save_dir = os.path.abspath(os.path.expanduser(str(setting(config, "env.save_dir"))))
         ensure_console_logging(self.is_main)
-        self.precision = check_precision(str(cfg(config, "training.precision", "fp32")), self.device)
-        seed = int(cfg(config, "training.seed", 0))
+        self.precision = check_precision(str(setting(config, "training.precision")), self.device)
+        seed = int(setting(config, "training.seed"))
         self.data_seed = seed if seed >= 0 else secrets.randbelow(2**31)
-        self.datasets = self._build_datasets(plan)
-        self.model, self.raw_model, self.optimizer = self._build_model_and_optimizer()
+        self.datasets = self.build_datasets(plan)
+        self.raw_model = self.build_model()
+        self.model, self.optimizer = self.strategy.wrap(self.raw_model, self.build_optimizer)
         self.scaler = self.strategy.grad_scaler(self.precision)
-        self.metric_specs = parse_metric_specs(cfg(config, "evaluation.metrics", []))
-        self.update_frequency = int(cfg(config, "training.update_frequency", 1))
+        self.metric_specs = parse_metric_specs(setting(config, "evaluation.metrics") or [])
+        self.update_frequency = int(setting(config, "training.update_frequency"))
         if self.update_frequency < 1:
             raise ConfigError(f"training.update_frequency must be >= 1 (micro-batches per update), got {self.update_frequency}")
         if plan.train:
-            self.train_dataset = next(iter(self.datasets["train"].values()))
-            self.train_loader = build_loader(
-                self.train_dataset, config, "train", self.strategy.rank, self.strategy.world_size, self.data_seed
-            )
+            self._build_train_streams()
+            self.max_epochs = setting(config, "training.max_epochs")
             self.max_updates = self._total_updates()
-            self.max_epochs = cfg(config, "training.max_epochs", None)
             self.scheduler = build_scheduler(self.optimizer, config, num_training_steps=self.max_updates)
         else:
             self.max_updates, self.max_epochs = self.num_updates, None
-        self.checkpoint_files = CheckpointFiles(self.save_dir, int(cfg(config, "checkpoint.max_to_keep", 3)))
-        self.callbacks = build_callbacks(self, cfg(config, "training.callbacks", []))
+        self.checkpoint_files = CheckpointFiles(self.save_dir, int(setting(config, "checkpoint.max_to_keep")))
+        self.callbacks = build_callbacks(self, setting(config, "training.callbacks") or [])
         self._restore_from_config()
         self.training_logger = TrainingLogger(
             self.is_main,
-            str(cfg(config, "training.log_format", "simple")),
+            str(setting(config, "training.log_format")),
             self._tensorboard_dir(),
-            cfg(config, "training.progress_bar", "auto"),
+            setting(config, "training.progress_bar"),
             self.max_updates if plan.train else None,
             self.num_updates,
         )
 
-    def _build_datasets(self, plan: RunPlan) -> Dict[str, Dict[str, Any]]:
-        """``{split: {dataset_name: dataset}}`` for the splits this run needs (train: one dataset)."""
-        names = cfg(self.config, "datasets", []) or []
+    def check_adversarial_settings(self) -> None:
+        """``adv_training: true`` needs a trainer that runs the adversarial loop: a plain trainer
+        would train without adversaries, silently."""
+        model = setting(self.config, "model")
+        if self.runs_adversarial_loop or not model:
+            return
+        key = f"model_config.{model}.adversarial.adv_training"
+        if cfg(self.config, key, False) is True:
+            trainer = setting(self.config, "training.trainer")
+            raise ConfigError(
+                f"{key}=true, but training.trainer={trainer} ({type(self).__name__}) does not run the "
+                f"adversarial loop, so the model would train without adversaries. Set "
+                f"training.trainer=villa_free_at for VILLA, or {key}=false for plain fine-tuning."
+            )
+
+    def build_datasets(self, plan: RunPlan) -> Dict[str, Dict[str, Any]]:
+        """``{split: {dataset_name: dataset}}`` for the splits this run needs; each dataset comes
+        from its registered builder (``prepare()`` on rank 0 first, then ``build_dataset(split)``)."""
+        names = setting(self.config, "datasets") or []
         names = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n) for n in names]
         if not names:
             raise ConfigError("No dataset to run on: set datasets (or dataset=<name> on the command line)")
         splits = [s for s, wanted in (
             ("train", plan.train),
-            ("val", plan.val or (plan.train and bool(cfg(self.config, "training.early_stop.enabled", False)))),
+            ("val", plan.val or (plan.train and bool(setting(self.config, "training.early_stop.enabled")))),
             ("test", plan.test or plan.predict),
         ) if wanted]
-        if "train" in splits and len(names) > 1:
-            raise ConfigError(f"Training on several datasets at once is not supported; datasets={names}. Train on one.")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"datasets names a dataset twice: {names}")
         builders = {}
         for name in names:
             dataset_config = cfg(self.config, f"dataset_config.{name}", None)
@@ -154,9 +181,11 @@ class MMFTrainer:
             builders[name] = builder
         return {split: {name: builders[name].build_dataset(split) for name in names} for split in splits}
 
-    def _build_model_and_optimizer(self):
+    def build_model(self):
+        """The registered model of ``model`` with ``model_config.<model>``: built, losses set up,
+        on the device (not yet wrapped by the distributed strategy)."""
         config = self.config
-        name = cfg(config, "model", None)
+        name = setting(config, "model")
         if not name:
             raise ConfigError("No model to build: set model (or model=<name> on the command line)")
         model_config = cfg(config, f"model_config.{name}", None)
@@ -166,33 +195,59 @@ class MMFTrainer:
         raw.build()
         raw.init_losses()
         raw.to(self.device)
-        optimizer_config = cfg(config, "optimizer", None)
+        return raw
 
-        def make_optimizer(groups):
-            return build_optimizer(groups, optimizer_config)
+    def build_optimizer(self, param_groups):
+        """The optimizer of the ``optimizer`` block over ``param_groups`` (the strategy calls this
+        from ``wrap``; it may return an ``OptimizerSpec`` for sharding optimizers)."""
+        return optimizer_from_config(param_groups, setting(self.config, "optimizer"))
 
-        model, optimizer = self.strategy.wrap(raw, make_optimizer)
-        return model, raw, optimizer
+    def _build_train_streams(self) -> None:
+        """One loader per train dataset (seeded ``data_seed + index``) and the source sampler."""
+        self.train_streams = {}
+        for index, (name, dataset) in enumerate(self.datasets["train"].items()):
+            loader = build_loader(dataset, self.config, "train", self.strategy.rank, self.strategy.world_size, self.data_seed + index)
+            self.train_streams[name] = DatasetStream(name, dataset, loader)
+        self.source_sampler = build_source_sampler(self.config, self.train_streams, self.data_seed)
+        if len(self.train_streams) > 1:
+            shares = ", ".join(f"{n} {p:.3f}" for n, p in self.source_sampler.probabilities.items())
+            self.log.info(f"{len(self.train_streams)} train datasets, one per update ({setting(self.config, 'multitasking.type')}): {shares}")
+
+    @property
+    def train_dataset(self):
+        """The (first) train dataset."""
+        return next(iter(self.train_streams.values())).dataset
+
+    @property
+    def train_loader(self):
+        """The (first) train dataset's loader."""
+        return next(iter(self.train_streams.values())).loader
 
     def _total_updates(self) -> int:
-        max_updates = cfg(self.config, "training.max_updates", None)
-        max_epochs = cfg(self.config, "training.max_epochs", None)
-        per_epoch = self.train_loader.batch_sampler.num_batches
-        if per_epoch == 0:
-            raise ConfigError(
-                f"The train split gives no batch on rank {self.strategy.rank} "
-                f"({len(self.train_dataset)} examples in all): lower training.batch_size / "
-                f"training.batch_size_tokens or use more data"
-            )
+        max_updates = setting(self.config, "training.max_updates")
+        max_epochs = self.max_epochs
+        for stream in self.train_streams.values():
+            if stream.batches_per_epoch == 0:
+                raise ConfigError(
+                    f"The train split of {stream.name} gives no batch on rank {self.strategy.rank} "
+                    f"({len(stream.dataset)} examples in all): lower training.batch_size / "
+                    f"training.batch_size_tokens or use more data"
+                )
         if max_updates is None and max_epochs is None:
             raise ConfigError("Set training.max_updates or training.max_epochs")
+        if max_epochs is not None and len(self.train_streams) > 1:
+            raise ConfigError(
+                f"training.max_epochs={max_epochs} is ambiguous with several train datasets "
+                f"({', '.join(self.train_streams)}): set training.max_epochs=null and use training.max_updates"
+            )
+        per_epoch = self.train_loader.batch_sampler.num_batches
         from_epochs = math.ceil(max_epochs * per_epoch / self.update_frequency) if max_epochs is not None else None
         return int(min(x for x in (max_updates, from_epochs) if x is not None))
 
     def _tensorboard_dir(self) -> Optional[str]:
-        if not cfg(self.config, "training.tensorboard", False):
+        if not setting(self.config, "training.tensorboard"):
             return None
-        return cfg(self.config, "env.tensorboard_logdir", "") or os.path.join(self.save_dir, "tensorboard")
+        return setting(self.config, "env.tensorboard_logdir") or os.path.join(self.save_dir, "tensorboard")
 
     # ------------------------------------------------------------------------------------
     # training
@@ -226,11 +281,13 @@ class MMFTrainer:
         ]
         self.last_update_examples = sum(b.get_batch_size() for b in batches)
         stats = _mean_over_micro_batches(results)
+        if len(self.train_streams) > 1:  # per-dataset logging; every rank drew the same dataset
+            stats[f"train/{self.last_update_source}/total_loss"] = stats["train/total_loss"]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
-        if cfg(self.config, "training.clip_gradients", True):
-            grad_norm = self.strategy.clip_grad_norm(self.model, self.optimizer, float(cfg(self.config, "training.max_grad_l2_norm", 2.0)))
+        if setting(self.config, "training.clip_gradients"):
+            grad_norm = self.strategy.clip_grad_norm(self.model, self.optimizer, float(setting(self.config, "training.max_grad_l2_norm")))
         # with a scaler, inf/nan gradients are its business (it skips the step and lowers the scale)
         if not self._all_finite(stats, grad_norm if self.scaler is None else None):
             self._skip_nonfinite_update(stats)
@@ -268,40 +325,34 @@ class MMFTrainer:
         stats["train/total_loss"] = total.detach()
         return stats
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``, through the grad scaler when there is one."""
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """``loss.backward(retain_graph=...)``, through the grad scaler when there is one."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=retain_graph)
 
     def autocast(self):
         """The autocast context of ``training.precision`` (none for fp32)."""
         return autocast(self.precision, self.device)
 
     def _next_micro_batches(self) -> List[SampleList]:
+        """The micro-batches of the next update, all from the train dataset the source sampler
+        picks; fewer than ``update_frequency`` (or none) once ``max_epochs`` are done."""
+        self.last_update_source = self.source_sampler.next()
+        stream = self.train_streams[self.last_update_source]
         batches = []
         while len(batches) < self.update_frequency:
-            batch = self._next_batch()
+            batch = stream.next_batch(self.max_epochs)
             if batch is None:
                 break
             batches.append(batch)
+        self._sync_position()
         return batches
 
-    def _next_batch(self) -> Optional[SampleList]:
-        """Next training batch, moving through epochs; None once ``max_epochs`` are done."""
-        while True:
-            if self._train_iter is None:
-                if self.max_epochs is not None and self.current_epoch >= self.max_epochs:
-                    return None
-                set_loader_epoch(self.train_loader, self.current_epoch, self.batch_in_epoch)
-                self._train_iter = iter(self.train_loader)
-            try:
-                batch = next(self._train_iter)
-            except StopIteration:
-                self._train_iter = None
-                self.current_epoch += 1
-                self.batch_in_epoch = 0
-                continue
-            self.batch_in_epoch += 1
-            return batch
+    def _sync_position(self) -> None:
+        """``current_epoch``: the fewest epochs any train dataset has finished; ``batch_in_epoch``:
+        the first train dataset's position (the whole position with one dataset)."""
+        streams = list(self.train_streams.values())
+        self.current_epoch = min(s.epoch for s in streams)
+        self.batch_in_epoch = streams[0].batch_in_epoch
 
     def _all_finite(self, stats: Dict[str, torch.Tensor], grad_norm: Optional[torch.Tensor]) -> bool:
         values = [v.detach().float().sum().reshape(1).to(self.device) for v in stats.values()]
@@ -314,7 +365,7 @@ class MMFTrainer:
         if self.scaler is not None:
             self.scaler.update()  # unscale_ was called: close this scaler iteration
         self.nonfinite_skips += 1
-        limit = int(cfg(self.config, "training.max_nonfinite_skips", 10))
+        limit = int(setting(self.config, "training.max_nonfinite_skips"))
         shown = ", ".join(f"{k}={v.float().mean().item():.4g}" for k, v in stats.items())
         self.log.warning(
             f"non-finite loss or gradient before update {self.num_updates + 1} ({shown}); update skipped "
@@ -415,7 +466,7 @@ class MMFTrainer:
         return [record for part in gathered for record in part]
 
     def _predict_path(self, name: str, split: str) -> str:
-        configured = str(cfg(self.config, "evaluation.predict_file", "") or "")
+        configured = str(setting(self.config, "evaluation.predict_file") or "")
         if configured:
             path = configured.format(dataset=name, split=split)
         else:
@@ -435,10 +486,21 @@ class MMFTrainer:
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "fp16_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_state(),
-            "sampler": {"epoch": self.current_epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.data_seed},
+            "sampler": self._sampler_state(),
             "counts": {"num_updates": self.num_updates, "current_epoch": self.current_epoch, "nonfinite_skips": self.nonfinite_skips},
             "callbacks": self.callbacks.state_dict(),
             "config": self._config_yaml(),
+        }
+
+    def _sampler_state(self) -> Dict[str, Any]:
+        """Data position: every train dataset's (epoch, batch) and the source sampler's draws;
+        ``epoch`` / ``batch_in_epoch`` at the top are the whole position with one dataset."""
+        return {
+            "epoch": self.current_epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "seed": self.data_seed,
+            "datasets": {name: stream.state_dict() for name, stream in self.train_streams.items()},
+            "source": self.source_sampler.state_dict() if self.source_sampler is not None else None,
         }
 
     def save_checkpoint(self, keep: bool = True, best: bool = False) -> None:
@@ -450,18 +512,17 @@ class MMFTrainer:
         self.strategy.barrier()
 
     def _restore_from_config(self) -> None:
-        ck = self.config.get("checkpoint", {}) or {}
-        resume_file = str(cfg(ck, "resume_file", "") or "")
-        if cfg(ck, "resume_pretrained", False):
+        resume_file = str(setting(self.config, "checkpoint.resume_file") or "")
+        if setting(self.config, "checkpoint.resume_pretrained"):
             if not resume_file:
                 raise ConfigError("checkpoint.resume_pretrained=True needs checkpoint.resume_file (the weights to load)")
-            self.load_pretrained(resume_file, cfg(ck, "pretrained_state_mapping", {}) or {})
+            self.load_pretrained(resume_file, setting(self.config, "checkpoint.pretrained_state_mapping") or {})
             return
         if resume_file:
             path = resume_file
-        elif cfg(ck, "resume_best", False):
+        elif setting(self.config, "checkpoint.resume_best"):
             path = self.checkpoint_files.best
-        elif cfg(ck, "resume", False):
+        elif setting(self.config, "checkpoint.resume"):
             path = self.checkpoint_files.current
         else:
             return
@@ -482,7 +543,7 @@ class MMFTrainer:
     def load_state(self, state: Dict[str, Any], path: str = "checkpoint") -> None:
         """Restore a full checkpoint (``checkpoint.reset.optimizer`` / ``.counts`` skip parts)."""
         self._load_model_weights(state["model"], strict=True, source=path)
-        if not cfg(self.config, "checkpoint.reset.optimizer", False) and state.get("optimizer") is not None:
+        if not setting(self.config, "checkpoint.reset.optimizer") and state.get("optimizer") is not None:
             try:
                 self.strategy.load_optimizer_state_dict(self.optimizer, state["optimizer"])
             except (ValueError, KeyError, RuntimeError) as error:
@@ -492,7 +553,7 @@ class MMFTrainer:
                 ) from None
             if self.scaler is not None and state.get("fp16_scaler"):
                 self.scaler.load_state_dict(state["fp16_scaler"])
-        if cfg(self.config, "checkpoint.reset.counts", False):
+        if setting(self.config, "checkpoint.reset.counts"):
             self.log.info(f"loaded weights and optimizer from {path}; counters reset")
             return
         counts, sampler = state["counts"], state["sampler"]
@@ -501,7 +562,7 @@ class MMFTrainer:
         self.current_epoch, self.batch_in_epoch = int(sampler["epoch"]), int(sampler["batch_in_epoch"])
         self.data_seed = int(sampler.get("seed", self.data_seed))
         if self.plan.train:
-            self.train_loader.batch_sampler.seed = self.data_seed
+            self._restore_train_position(sampler, path)
         if self.scheduler is not None and state.get("lr_scheduler"):
             self.scheduler.load_state_dict(state["lr_scheduler"])
         self.callbacks.load_state_dict(state.get("callbacks") or {})
@@ -513,6 +574,23 @@ class MMFTrainer:
             else:
                 torch.manual_seed(self.data_seed + 7919 * self.strategy.rank + self.num_updates)
         self.log.info(f"resumed from {path} at update {self.num_updates} (epoch {self.current_epoch}, batch {self.batch_in_epoch})")
+
+    def _restore_train_position(self, sampler: Dict[str, Any], path: str) -> None:
+        """Put every train dataset and the source sampler where the checkpoint left them."""
+        saved = sampler.get("datasets")
+        if saved is None:  # written before several train datasets existed: one dataset's position
+            saved = {next(iter(self.train_streams)): {"epoch": sampler["epoch"], "batch_in_epoch": sampler["batch_in_epoch"]}}
+        if set(saved) != set(self.train_streams):
+            raise CheckpointError(
+                f"{path} was saved training on {', '.join(sorted(saved))}, this run trains on "
+                f"{', '.join(self.train_streams)}: resume with the same datasets, or set "
+                f"checkpoint.reset.counts=True to keep only the weights and optimizer"
+            )
+        for index, (name, stream) in enumerate(self.train_streams.items()):
+            stream.load_state_dict(saved[name], self.data_seed + index)
+        source = sampler.get("source")
+        self.source_sampler.load_state_dict(source or {"seed": self.data_seed, "draws": self.num_updates + self.nonfinite_skips})
+        self._sync_position()
 
     def _restore_best_for_final_passes(self, plan: RunPlan) -> None:
         """As MMF: final val/test/predict passes use the best checkpoint when one was tracked."""

@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from villa_plugin.common.config_access import setting
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.registry import registry
-from villa_plugin.trainers.runtime import cfg
 
 
 class Callback:
@@ -78,14 +78,17 @@ class CallbackList:
 @registry.register_callback("logging")
 class LoggingCallback(Callback):
     """Averages update stats over ``log_interval`` updates (and across ranks) and logs them with
-    the lr, updates/s, examples/s and ETA. Reads device values only when it logs."""
+    the lr, updates/s, examples/s and ETA. Reads device values only when it logs. A value is
+    averaged over the updates that reported it (``train/<dataset>/...`` of several train datasets
+    over the updates drawn from that dataset)."""
 
     def on_train_start(self) -> None:
-        self.interval = int(cfg(self.trainer.config, "training.log_interval", 10))
+        self.interval = int(setting(self.trainer.config, "training.log_interval"))
         self._reset()
 
     def _reset(self) -> None:
         self.sums: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, int] = {}
         self.updates = 0
         self.examples = 0
         self.started = time.perf_counter()
@@ -95,6 +98,7 @@ class LoggingCallback(Callback):
         for key, value in stats.items():
             value = value.detach().float().reshape(-1).mean()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.updates += 1
         self.examples += trainer.last_update_examples
         trainer.training_logger.progress(1)
@@ -108,7 +112,7 @@ class LoggingCallback(Callback):
         packed = torch.stack([self.sums[k].to(device) for k in keys] + [torch.tensor(float(self.examples), device=device)])
         packed = trainer.strategy.all_reduce_sum(packed).cpu()
         world = trainer.strategy.world_size
-        values = {k: float(packed[i]) / (self.updates * world) for i, k in enumerate(keys)}
+        values = {k: float(packed[i]) / (self.counts[k] * world) for i, k in enumerate(keys)}
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         lr = trainer.scheduler.lr_at(trainer.num_updates) if trainer.scheduler is not None else 0.0
         trainer.training_logger.log_train(
@@ -125,7 +129,7 @@ class EvaluationCallback(Callback):
 
     def on_update_end(self, stats: Dict[str, torch.Tensor]) -> None:
         trainer = self.trainer
-        interval = int(cfg(trainer.config, "training.evaluation_interval", 0))
+        interval = int(setting(trainer.config, "training.evaluation_interval"))
         if interval > 0 and trainer.num_updates % interval == 0 and trainer.datasets.get("val"):
             report = trainer.evaluate("val")
             trainer.training_logger.log_eval(trainer.num_updates, report)
@@ -140,10 +144,10 @@ class EarlyStoppingCallback(Callback):
     def __init__(self, trainer, **params: Any):
         super().__init__(trainer, **params)
         config = trainer.config
-        self.enabled = bool(cfg(config, "training.early_stop.enabled", False))
-        self.criteria = str(cfg(config, "training.early_stop.criteria", "") or "")
-        self.minimize = bool(cfg(config, "training.early_stop.minimize", False))
-        self.patience = int(cfg(config, "training.early_stop.patience", 1000))
+        self.enabled = bool(setting(config, "training.early_stop.enabled"))
+        self.criteria = str(setting(config, "training.early_stop.criteria") or "")
+        self.minimize = bool(setting(config, "training.early_stop.minimize"))
+        self.patience = int(setting(config, "training.early_stop.patience"))
         if self.enabled and not self.criteria:
             raise ConfigError("training.early_stop.enabled=True needs training.early_stop.criteria, e.g. val/vqa2/vqa_accuracy")
         self.best_value: Optional[float] = None
@@ -187,7 +191,7 @@ class CheckpointCallback(Callback):
     ``best.ckpt`` when early stopping saw a new best, and saves once more at the end of training."""
 
     def on_train_start(self) -> None:
-        self.interval = int(cfg(self.trainer.config, "training.checkpoint_interval", 0))
+        self.interval = int(setting(self.trainer.config, "training.checkpoint_interval"))
         self.last_saved: Optional[int] = None
 
     def on_update_end(self, stats: Dict[str, torch.Tensor]) -> None:

@@ -27,6 +27,8 @@ from villa_plugin.trainers.base_trainer import MMFTrainer
 class VillaFreeATTrainer(MMFTrainer):
     """``MMFTrainer`` whose training step is VILLA's free adversarial training."""
 
+    runs_adversarial_loop = True
+
     def setup(self, plan) -> None:
         # Validate the adversarial block before the (slow) model and data set-up.
         self.adv_config = AdversarialConfig.from_model_config(self.config)
@@ -48,7 +50,7 @@ class VillaFreeATTrainer(MMFTrainer):
         stats = self.engine.step(
             self.model,
             batch,
-            backward=self._adv_backward,
+            backward=self.backward,
             sync_context=lambda is_last: self.strategy.sync_context(self.model, is_last),
             is_last_micro_batch=is_last_micro_batch,
             kl_reduction=self.kl_reduction,
@@ -58,10 +60,3 @@ class VillaFreeATTrainer(MMFTrainer):
         out = {"train/total_loss": stats.pop("loss")}
         out.update({f"train/adv/{key}": value.detach().float() for key, value in stats.items()})
         return out
-
-    def _adv_backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        # The official formulation back-propagates through the retained clean graph K times.
-        if not retain_graph:
-            self.backward(loss)
-            return
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=True)
