@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from villa_plugin.common.errors import ConfigError
-from villa_plugin.metrics import Accuracy, VQAAccuracy, parse_metric_specs
+from villa_plugin.metrics import Accuracy, parse_metric_specs
+from villa_plugin.tasks.vqa.metrics import VQAAccuracy
 from villa_plugin.registry import RegistryError
 
 

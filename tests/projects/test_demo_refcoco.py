@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from villa_plugin import cli
-from villa_plugin.datasets.demos import refcoco as demo
+import villa_plugin.tasks.refcoco.demo as demo
 from villa_plugin.datasets.features import ImgFeatDB, write_img_db
 from villa_plugin.datasets.text import TxtDB, write_txt_db
 

@@ -20,9 +20,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from villa_plugin.common.errors import DataError
-from villa_plugin.datasets.builders.vqa import image_key, load_json
-from villa_plugin.datasets.builders.vqa_answers import soft_target
-from villa_plugin.datasets.builders.vqa_dataset import read_label2ans
+from villa_plugin.tasks.vqa.builder import image_key, load_json
+from villa_plugin.tasks.vqa.answers import soft_target
+from villa_plugin.tasks.vqa.dataset import read_label2ans
 from villa_plugin.datasets.features import write_img_db
 from villa_plugin.datasets.text import WordPieceTokenizer, write_txt_db
 
