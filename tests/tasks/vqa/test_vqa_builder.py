@@ -79,7 +79,7 @@ def test_txt_dbs_pair_with_img_dbs_in_order(tmp_path):
     ds = VQA2Builder("vqa2", _base(tmp_path, txt_db={"test": [ta, tb]}, img_db={"test": [a, b]})).build_dataset("test")
     assert ds.lengths() == [13, 14] and ds.qids == [1, 2]
     assert "targets" not in ds.collate([ds[0], ds[1]])
-    with pytest.raises(DataError, match=r'Image "coco_val2014_000000000007.npz" of question 2 .*Pair each txt_db'):
+    with pytest.raises(DataError, match=r'example "2": image "coco_val2014_000000000007.npz" is in none of the img_dbs'):
         VQA2Builder("vqa2", _base(tmp_path, txt_db={"test": [ta, tb]}, img_db={"test": [a]})).build_dataset("test")
     with pytest.raises(ConfigError, match="need 1 or 2 img_dbs"):
         VQA2Builder("vqa2", _base(tmp_path, txt_db={"test": [ta, tb]}, img_db={"test": [a, b, a]})).build_dataset("test")
@@ -130,7 +130,7 @@ def test_json_source_tokenises_scores_and_maps_images(tmp_path, vocab_file):
 
 def test_json_source_errors(tmp_path, vocab_file):
     cfg = _json_files(tmp_path, vocab_file)
-    with pytest.raises(DataError, match=r'"coco_train2014_000000000002.npz" of question 2000 .* in none of the img_dbs'):
+    with pytest.raises(DataError, match=r'question 2000: image "coco_train2014_000000000002.npz" is in none of the img_dbs'):
         bad_img = _img_db(tmp_path, "img_db/only1", keys=(1,), nboxes=(10,))
         VQA2Builder("vqa2", dict(cfg, img_db={"train": [bad_img]})).build_dataset("train")
     with pytest.raises(DataError, match=r"nothere.json.*visualqa.org"):
@@ -190,7 +190,7 @@ def test_registered_with_bundled_yaml(tmp_path):
         builder.build_dataset("val")
     (tmp_path / "d" / "uniter").mkdir(parents=True)
     (tmp_path / "d" / "uniter" / "ans2label.json").write_text(json.dumps({"a": 0}))
-    with pytest.raises(DataError, match=r"d/uniter/txt_db/vqa_devval.db"):
+    with pytest.raises(DataError, match=r"d/uniter/img_db/coco_val2014"):  # the split's image dbs open first
         builder.build_dataset("val")
 
 
@@ -201,3 +201,24 @@ def test_loader_workers_read_lmdb_after_fork(tmp_path):
     loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=ds.collate)
     qids = [q for batch in loader for q in batch.qids]
     assert sorted(qids) == [101, 102, 103]
+
+
+# -- missing_images (docs/tasks.md: every task accepts it) -----------------------------------------
+def test_missing_images_skip_drops_and_counts_questions_without_an_image(tmp_path, vocab_file):
+    cfg = _json_files(tmp_path, vocab_file)
+    only1 = _img_db(tmp_path, "img_db/only1", keys=(1,), nboxes=(10,))
+    cfg = dict(cfg, img_db={"train": [only1], "val": [only1]}, missing_images="skip")
+    train = VQA2Builder("vqa2", cfg).build_dataset("train")
+    assert train.qids == [1000] and train.num_dropped == 2  # 2000: no image; 2001: over max_txt_len
+    val = VQA2Builder("vqa2", cfg).build_dataset("val")
+    assert val.qids == [1000] and val.num_dropped == 2  # both questions of image 2
+    with pytest.raises(ConfigError, match=r"missing_images must be one of \['error', 'skip'\]"):
+        VQA2Builder("vqa2", dict(cfg, missing_images="ignore")).build_dataset("train")
+
+
+def test_missing_images_is_a_vqa2_config_key(tmp_path):
+    from villa_plugin.config.compose import build_config
+
+    config = build_config(["config=projects/villa/demo.yaml", f"env.cache_dir={tmp_path}",
+                           "dataset_config.vqa2.missing_images=skip"], load_plugins=False)
+    assert config.dataset_config.vqa2.missing_images == "skip"

@@ -1,10 +1,8 @@
 """One split of VQA: questions (token ids), their image's regions, soft-score targets."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -14,7 +12,8 @@ from villa_plugin.common.sample_list import SampleList
 from villa_plugin.datasets.base import BaseDataset
 from villa_plugin.datasets.collate import vqa_collate
 from villa_plugin.datasets.features import ImgFeatDB
-from villa_plugin.datasets.text import TxtDB
+from villa_plugin.datasets.task_builder import ExampleRecords
+from villa_plugin.datasets.task_common import read_json, unique_by, write_json_atomic
 
 
 class VQADataset(BaseDataset):
@@ -25,28 +24,24 @@ class VQADataset(BaseDataset):
     ``{id, input_ids ([CLS] q [SEP]), img_feat, img_pos_feat, target}``.
     """
 
-    def __init__(self, dataset_name: str, dataset_type: str, config: Any, *, qids: List[Any],
-                 txt_lens: Sequence[int], img_keys: List[str], img_db_index: Sequence[int],
-                 img_dbs: List[ImgFeatDB], cls_id: int, sep_id: int, label2ans: List[str],
-                 num_answers: int, input_ids: Optional[List[List[int]]] = None,
-                 targets: Optional[List[Optional[Dict]]] = None, txt_dbs: Optional[List[TxtDB]] = None,
-                 txt_keys: Optional[List[str]] = None, txt_db_index: Optional[Sequence[int]] = None,
+    def __init__(self, dataset_name: str, dataset_type: str, config: Any, records: ExampleRecords,
+                 img_dbs: List[ImgFeatDB], label2ans: List[str], num_answers: int,
                  lengths_include_cls_sep: bool = True, num_dropped: int = 0):
         super().__init__(dataset_name, dataset_type, config)
-        self.qids = qids
-        self.img_keys = img_keys
-        self.img_db_index = np.asarray(img_db_index, dtype=np.int32)
+        self.qids = records.ids
+        self.img_keys = records.img_keys
+        self.img_db_index = np.asarray(records.img_db_index, dtype=np.int32)
         self.img_dbs = img_dbs
-        self.cls_id, self.sep_id = int(cls_id), int(sep_id)
+        self.cls_id, self.sep_id = int(records.cls_id), int(records.sep_id)
         self.label2ans = label2ans
         self.num_answers = int(num_answers)
-        self._input_ids, self._targets = input_ids, targets
-        self._txt_dbs, self._txt_keys = txt_dbs, txt_keys
-        self._txt_db_index = None if txt_db_index is None else np.asarray(txt_db_index, dtype=np.int32)
+        self._input_ids, self._targets = records.input_ids, records.targets
+        self._txt_dbs, self._txt_keys = records.txt_dbs, records.txt_keys
+        self._txt_db_index = None if records.txt_db_index is None else np.asarray(records.txt_db_index, dtype=np.int32)
         self.num_dropped = int(num_dropped)
-        nbbs = np.asarray([img_dbs[d].nbb(k) for d, k in zip(self.img_db_index, img_keys)], dtype=np.int64)
+        nbbs = np.asarray([img_dbs[d].nbb(k) for d, k in zip(self.img_db_index, self.img_keys)], dtype=np.int64)
         extra = 2 if lengths_include_cls_sep else 0
-        self._lengths = (np.asarray(txt_lens, dtype=np.int64) + extra + nbbs).tolist()
+        self._lengths = (np.asarray(records.txt_lens, dtype=np.int64) + extra + nbbs).tolist()
 
     def __len__(self) -> int:
         return len(self.qids)
@@ -83,17 +78,8 @@ class VQADataset(BaseDataset):
 
     def write_predictions(self, records: List[Dict[str, Any]], path: str) -> str:
         """The EvalAI / UNITER ``inf_vqa.py`` JSON list (one record per question, first one kept)."""
-        seen, unique = set(), []
-        for rec in records:
-            if rec["question_id"] not in seen:
-                seen.add(rec["question_id"])
-                unique.append({"question_id": rec["question_id"], "answer": rec["answer"]})
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".predictions-", dir=os.path.dirname(os.path.abspath(path)))
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(unique, fh)
-        os.replace(tmp, path)
-        return path
+        unique = [{"question_id": r["question_id"], "answer": r["answer"]} for r in unique_by(records, "question_id")]
+        return write_json_atomic(unique, path)
 
 
 def _as_int(qid: Any) -> Any:
@@ -112,11 +98,7 @@ def read_label2ans(path: str) -> List[str]:
             f"Answer vocabulary not found: {path}. Copy UNITER's utils/ans2label.json (3129 answers) there "
             f"or set the dataset's `ans2label` key (dataset_config.vqa2.demo=true uses the bundled demo instead)."
         )
-    with open(path, "r", encoding="utf-8") as fh:
-        try:
-            ans2label = json.load(fh)
-        except ValueError as err:
-            raise DataError(f"{path} is not valid JSON: {err}") from err
+    ans2label = read_json(path)
     labels = sorted(ans2label.values())
     if labels != list(range(len(labels))):
         raise DataError(f"{path}: labels must be 0..{len(labels) - 1} without gaps or repeats")
