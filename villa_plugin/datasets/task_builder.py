@@ -56,6 +56,7 @@ class SplitContext:
     policy: str  # missing_images: error | skip
     filt: ExampleFilter
     img_dbs: List[ImgFeatDB]
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # what a task opens besides (VCR's gt dbs)
 
     @property
     def training(self) -> bool:

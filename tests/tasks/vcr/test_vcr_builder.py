@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from villa_plugin.common.errors import ConfigError, DataError
-from villa_plugin.tasks.vcr.builder import CSV_HEADER, VcrBuilder
+from villa_plugin.tasks.vcr.builder import VcrBuilder
+from villa_plugin.tasks.vcr.dataset import CSV_HEADER
 from villa_plugin.datasets.synthetic import vocab_tokens
 from villa_plugin.datasets.features import write_img_db
 from villa_plugin.datasets.text import WordPieceTokenizer, write_txt_db

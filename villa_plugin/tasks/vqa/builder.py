@@ -63,12 +63,14 @@ class VQA2Builder(TaskBuilder):
         return label2ans, int(num_answers)
 
     def open_split(self, cfg: Dict[str, Any], split: str) -> SplitContext:
-        self.label2ans, self.num_answers = self.answer_vocabulary(cfg)  # first: the file every source needs
-        return super().open_split(cfg, split)
+        label2ans, num_answers = self.answer_vocabulary(cfg)  # first: the file every source needs
+        ctx = super().open_split(cfg, split)
+        ctx.extra.update(label2ans=label2ans, num_answers=num_answers)
+        return ctx
 
     def make_dataset(self, ctx: SplitContext, records: ExampleRecords) -> VQADataset:
-        return VQADataset(self.dataset_name, ctx.split, ctx.cfg, records, ctx.img_dbs, label2ans=self.label2ans,
-                          num_answers=self.num_answers, num_dropped=ctx.filt.num_dropped,
+        return VQADataset(self.dataset_name, ctx.split, ctx.cfg, records, ctx.img_dbs, label2ans=ctx.extra["label2ans"],
+                          num_answers=ctx.extra["num_answers"], num_dropped=ctx.filt.num_dropped,
                           lengths_include_cls_sep=bool(ctx.cfg.get("lengths_include_cls_sep", True)))
 
     def read_txt_db(self, ctx: SplitContext) -> ExampleRecords:
@@ -99,7 +101,7 @@ class VQA2Builder(TaskBuilder):
         if rule not in SCORE_RULES:
             raise ConfigError(f"dataset_config.{self.dataset_name}.soft_score must be one of {SCORE_RULES}, got {rule!r}")
         tok = ctx.tokenizer()
-        ans2label = {a: i for i, a in enumerate(self.label2ans)}
+        ans2label = {a: i for i, a in enumerate(ctx.extra["label2ans"])}
         key_format = str(ctx.cfg.get("img_key_format", "coco_{subtype}_{image_id:012d}.npz"))
         records = ExampleRecords.in_memory(tok)
         unanswerable = 0
