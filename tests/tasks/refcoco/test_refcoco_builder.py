@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from datasets_testlib import BASE_TOKENS
 from villa_plugin.common.errors import ConfigError, DataError
+from villa_plugin.registry import registry
 from villa_plugin.tasks.refcoco.builder import RefcocoBuilder
 from villa_plugin.datasets.features import write_img_db
 from villa_plugin.datasets.text import write_txt_db
@@ -247,3 +248,16 @@ def test_predictions_file(files, tmp_path):
     data = json.loads(open(val.write_predictions(records + records[:1], str(tmp_path / "p.json"))).read())
     assert data["format"] == "villa_plugin.refcoco/v1" and data["boxes"] == "gt" and data["split"] == "val"
     assert data["accuracy"] == 0.5 and set(data["predictions"]) == {"103", "104"}
+
+
+def test_evaluation_batch_keeps_every_row_that_has_a_target(files):
+    """Fallback 6: one row without a usable target (-100) no longer drops the targets of the whole
+    evaluation batch; the loss is that of the rows that have one."""
+    matched = RefcocoBuilder("refcoco", config(files, boxes="det")).build_dataset("val")
+    unmatched = RefcocoBuilder("refcoco", config(files, boxes="det", target_min_iou=0.99)).build_dataset("val")
+    batch = matched.collate([matched[0], unmatched[1], matched[1]])
+    assert batch["targets"].tolist() == [0, -100, 0]
+    scores = torch.randn(3, int(batch["img_feat"].size(1)))
+    loss = registry.get_loss_class("cross_entropy")(reduction="mean")(batch, {"scores": scores})
+    keep = torch.tensor([0, 2])
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(scores[keep], batch["targets"][keep]))

@@ -34,21 +34,13 @@ import logging
 import os
 from typing import Any, Dict, List, Tuple
 
-from villa_plugin.common.errors import ConfigError, DataError
-from villa_plugin.tasks.refcoco.dataset import RefcocoDataset
 import villa_plugin.tasks.refcoco.demo as refcoco_demo
-from villa_plugin.datasets.task_common import (
-    ExampleFilter,
-    check_image,
-    check_split,
-    choice,
-    open_img_db,
-    read_json,
-    resolve_path,
-)
-from villa_plugin.datasets.text import TxtDB, WordPieceTokenizer
-from villa_plugin.datasets.task_builder import TaskBuilder
+from villa_plugin.common.errors import ConfigError, DataError
+from villa_plugin.datasets.task_builder import SplitContext, TaskBuilder, TxtDbExample
+from villa_plugin.datasets.task_common import choice, open_img_db, read_json, resolve_path
+from villa_plugin.datasets.text import TxtDB
 from villa_plugin.registry import registry
+from villa_plugin.tasks.refcoco.dataset import RefcocoDataset, RefcocoRecords
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +85,7 @@ class RefcocoBuilder(TaskBuilder):
 
     NAME = NAME
     DEMO = refcoco_demo
+    SOURCES = ("txt_db", "refer_json")
 
     def settings(self) -> Dict[str, Any]:
         """The effective config: the variant block merged over the top level, or the demo's files."""
@@ -109,8 +102,7 @@ class RefcocoBuilder(TaskBuilder):
             p = self.materialise_demo()
             cfg.update(data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], txt_db=p["txt_db"],
                        refs_json=p["refs_json"], instances_json=p["instances_json"], img_db=p["img_db"],
-                       img_key_format=p["img_key_format"],
-                       **{k: p[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")})
+                       img_key_format=p["img_key_format"], **{k: p[k] for k in self.DEMO_FEATURE_KEYS})
             block_name = p["variant"]
         cfg["_variant"] = block_name
         return cfg
@@ -130,31 +122,32 @@ class RefcocoBuilder(TaskBuilder):
         return name
 
     # -- datasets -------------------------------------------------------------------------------
-    def build_dataset(self, split: str) -> RefcocoDataset:
-        check_split(split, self.dataset_name)
-        cfg = self.settings()
-        name = self.variant_split(cfg, split)
-        source = choice(cfg, "source", ("txt_db", "refer_json"), self.dataset_name, "txt_db")
-        policy = choice(cfg, "missing_images", ("error", "skip"), self.dataset_name, "error")
-        boxes = choice(cfg, "train_boxes" if split == "train" else "boxes", ("gt", "det"), self.dataset_name, "gt")
-        img_path = resolve_path(cfg, (cfg.get("img_db") or {}).get(boxes), self.dataset_name, f"img_db.{boxes}")
-        img_db = open_img_db(img_path, cfg)
-        key_format = str((cfg.get("img_key_format") or {}).get(boxes) or "")
+    def filter_label(self, cfg: Dict[str, Any], split: str) -> str:
+        return f"{split} ({self.variant_split(cfg, split)})"
+
+    def open_image_dbs(self, cfg: Dict[str, Any], split: str):
+        """One store: the gt-box or the detected-box img_db (``train_boxes`` / ``boxes``)."""
+        boxes = self._boxes(cfg, split)
+        return [open_img_db(resolve_path(cfg, (cfg.get("img_db") or {}).get(boxes), self.dataset_name, f"img_db.{boxes}"), cfg)]
+
+    def _boxes(self, cfg: Dict[str, Any], split: str) -> str:
+        return choice(cfg, "train_boxes" if split == "train" else "boxes", ("gt", "det"), self.dataset_name, "gt")
+
+    def _key_format(self, ctx: SplitContext) -> str:
+        boxes = self._boxes(ctx.cfg, ctx.split)
+        key_format = str((ctx.cfg.get("img_key_format") or {}).get(boxes) or "")
         if not key_format:
             raise ConfigError(f"dataset_config.{self.dataset_name}.img_key_format.{boxes} is not set")
-        filt = ExampleFilter(self.dataset_name, f"{split} ({name})", int(cfg.get("max_txt_len", 60)), training=split == "train")
-        if source == "txt_db":
-            columns = self._from_txt_db(cfg, name, img_db, key_format, filt, policy)
-        else:
-            columns = self._from_refer_json(cfg, name, img_db, key_format, filt, policy)
-        if not columns["sent_ids"]:
-            raise DataError(f"{self.dataset_name} {split} ({name}): no expressions left ({dict(filt.dropped)} dropped)")
-        filt.log(len(columns["sent_ids"]))
+        return key_format
+
+    def make_dataset(self, ctx: SplitContext, records: RefcocoRecords) -> RefcocoDataset:
+        boxes = self._boxes(ctx.cfg, ctx.split)
         if boxes != "gt":  # ann_ids give the region order of the gt-box store only
-            columns["image_ann_ids"] = None
+            records.image_ann_ids = {}
         return RefcocoDataset(
-            self.dataset_name, split, cfg, img_db=img_db, target_min_iou=float(cfg.get("target_min_iou", 0.5)),
-            variant=cfg["_variant"], source_split=name, boxes=boxes, num_dropped=filt.num_dropped, **columns,
+            self.dataset_name, ctx.split, ctx.cfg, records, ctx.img_dbs[0],
+            target_min_iou=float(ctx.cfg.get("target_min_iou", 0.5)), variant=ctx.cfg["_variant"],
+            source_split=self.variant_split(ctx.cfg, ctx.split), boxes=boxes, num_dropped=ctx.filt.num_dropped,
         )
 
     def _read_instances(self, cfg: Dict[str, Any]) -> Tuple[Dict[Any, Tuple[float, float]], Dict[Any, List[float]]]:
@@ -166,24 +159,21 @@ class RefcocoBuilder(TaskBuilder):
         sizes = {img["id"]: (float(img["width"]), float(img["height"])) for img in data["images"]}
         return sizes, {ann["id"]: ann["bbox"] for ann in data.get("annotations") or []}
 
-    def _columns(self) -> Dict[str, List]:
-        return {k: [] for k in ("sent_ids", "ref_ids", "ann_ids", "image_ids", "txt_lens", "img_keys", "gt_boxes", "image_sizes")}
-
-    def _add(self, cols, filt, policy, img_db, key_format, where, sent_id, ref_id, ann_id, image_id, bbox, size, tlen) -> bool:
-        if filt.over_limit(tlen):
-            return False
+    def _usable(self, ctx: SplitContext, key_format: str, where: str, image_id: Any, bbox: Any, tlen: int):
+        """The image key of an expression within the length limit whose image is there, else None."""
+        if ctx.filt.over_limit(tlen):
+            return None
         key = _image_key(key_format, image_id, where)
-        if check_image([img_db], key, where, filt, policy) is None:
-            return False
+        if ctx.locate([key], where) is None:
+            return None
         if bbox is None or len(bbox) != 4:
             raise DataError(f"{where}: the referred object's bbox must be [x, y, w, h], got {bbox!r}")
-        for k, v in (("sent_ids", sent_id), ("ref_ids", ref_id), ("ann_ids", ann_id), ("image_ids", image_id),
-                     ("txt_lens", int(tlen)), ("img_keys", key), ("gt_boxes", [float(x) for x in bbox]),
-                     ("image_sizes", list(size))):
-            cols[k].append(v)
-        return True
+        return key
 
-    def _from_txt_db(self, cfg, name, img_db, key_format, filt, policy) -> Dict[str, Any]:
+    def read_txt_db(self, ctx: SplitContext) -> RefcocoRecords:
+        """UNITER's RE txt_db of the variant's split, with its side files (refs, annotations, images)."""
+        cfg, name = ctx.cfg, self.variant_split(ctx.cfg, ctx.split)
+        key_format = self._key_format(ctx)
         per_split = cfg.get("txt_db") or {}
         path = per_split.get(name) if isinstance(per_split, dict) else None
         if isinstance(path, list):
@@ -202,20 +192,20 @@ class RefcocoBuilder(TaskBuilder):
             raise DataError(f"txt_db {db.db_dir} has no images.json (UNITER's image sizes and ann_ids) and "
                             f"dataset_config.{self.dataset_name}.instances_json is not set: the image sizes are needed "
                             f"to place the regions' boxes. Add one of them.")
-        records = self._txt_db_records(db, side)
-        cols = self._columns()
-        keys = []
-        for sent_id, rec in records:
+        records = RefcocoRecords.for_txt_dbs([db], image_ann_ids=image_ann_ids)
+        for sent_id, rec in self._txt_db_records(db, side):
             where = f'txt_db {db.db_dir}, sent_id "{sent_id}"'
             if str(sent_id) not in db.id2len:
                 raise DataError(f"{where}: listed in refs.json but missing from id2len.json / the LMDB")
             image_id = rec["image_id"]
             if image_id not in sizes:
                 raise DataError(f"{where}: image {image_id} has no size in images.json / instances_json")
-            if self._add(cols, filt, policy, img_db, key_format, where, rec.get("sent_id", sent_id), rec.get("ref_id"),
-                         rec.get("ann_id"), image_id, rec.get("bbox"), sizes[image_id], db.id2len[str(sent_id)]):
-                keys.append(str(sent_id))
-        return dict(cols, txt_db=db, txt_keys=keys, image_ann_ids=image_ann_ids, cls_id=db.cls_, sep_id=db.sep)
+            tlen = db.id2len[str(sent_id)]
+            key = self._usable(ctx, key_format, where, image_id, rec.get("bbox"), tlen)
+            if key is not None:
+                records.add_expression(rec.get("sent_id", sent_id), rec.get("ref_id"), rec.get("ann_id"), image_id,
+                                       rec.get("bbox"), sizes[image_id], tlen, key, txt=TxtDbExample(0, db, str(sent_id), tlen))
+        return records
 
     def _txt_db_records(self, db: TxtDB, side: Dict[str, str]) -> List[Tuple[Any, Dict[str, Any]]]:
         """``(sent_id, {ref_id, ann_id, image_id, bbox})`` in refs order (UNITER's ``_get_sent_ids``),
@@ -242,14 +232,16 @@ class RefcocoBuilder(TaskBuilder):
             out.append((key, ex))
         return out
 
-    def _from_refer_json(self, cfg, name, img_db, key_format, filt, policy) -> Dict[str, Any]:
+    def read_refer_json(self, ctx: SplitContext) -> RefcocoRecords:
+        """The refer toolkit's refs (JSON) + instances.json, tokenised here; regions matched by IoU."""
+        cfg, name = ctx.cfg, self.variant_split(ctx.cfg, ctx.split)
+        key_format = self._key_format(ctx)
         refs_path = resolve_path(cfg, cfg.get("refs_json"), self.dataset_name, "refs_json")
         refs = read_refs(refs_path)
         sizes, boxes = self._read_instances(cfg)
-        tok = WordPieceTokenizer(resolve_path(cfg, cfg.get("vocab"), self.dataset_name, "vocab"),
-                                 lowercase=bool(cfg.get("lowercase", False)))
-        cols = self._columns()
-        cols["input_ids"] = []
+        tok = ctx.tokenizer()
+        # the refer files do not fix the order of a store's regions: targets are matched by IoU
+        records = RefcocoRecords.in_memory(tok)
         chosen = [r for r in refs if r.get("split") == name]
         sentences = [(n, r, s) for n, r in enumerate(refs) if r.get("split") == name for s in r.get("sentences") or []]
         if chosen and not sentences:
@@ -264,11 +256,11 @@ class RefcocoBuilder(TaskBuilder):
                 raise DataError(f"{where}: image {ref['image_id']} is not in the images of {cfg.get('instances_json')}")
             if ref["ann_id"] not in boxes:
                 raise DataError(f"{where}: ann_id {ref['ann_id']} is not in the annotations of {cfg.get('instances_json')}")
-            if self._add(cols, filt, policy, img_db, key_format, where, sent.get("sent_id"), ref.get("ref_id"),
-                         ref["ann_id"], ref["image_id"], boxes[ref["ann_id"]], sizes[ref["image_id"]], len(ids)):
-                cols["input_ids"].append(ids)
-        # the refer files do not fix the order of a store's regions: targets are matched by IoU
-        return dict(cols, image_ann_ids={}, cls_id=tok.token_to_id("[CLS]"), sep_id=tok.token_to_id("[SEP]"))
+            key = self._usable(ctx, key_format, where, ref["image_id"], boxes[ref["ann_id"]], len(ids))
+            if key is not None:
+                records.add_expression(sent.get("sent_id"), ref.get("ref_id"), ref["ann_id"], ref["image_id"],
+                                       boxes[ref["ann_id"]], sizes[ref["image_id"]], len(ids), key, input_ids=ids)
+        return records
 
 
 def _image_key(key_format: str, image_id: Any, where: str) -> str:

@@ -20,6 +20,7 @@ Accuracy (``refcoco_accuracy``) does not use the target: the arg-max region's bo
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -31,8 +32,8 @@ from villa_plugin.common.sample_list import SampleList
 from villa_plugin.datasets.base import BaseDataset
 from villa_plugin.datasets.collate import collate_rows
 from villa_plugin.datasets.features import ImgFeatDB
+from villa_plugin.datasets.task_builder import ExampleRecords
 from villa_plugin.datasets.task_common import make_row, write_json_atomic
-from villa_plugin.datasets.text import TxtDB
 from villa_plugin.tasks.refcoco.metrics import box_iou_xywh, region_boxes_xywh
 
 logger = logging.getLogger(__name__)
@@ -41,26 +42,45 @@ IGNORE_INDEX = -100
 PREDICTION_FORMAT = "villa_plugin.refcoco/v1"
 
 
+@dataclasses.dataclass
+class RefcocoRecords(ExampleRecords):
+    """Expressions (``ids`` = sent_ids) with their ref, referred annotation, image, gt box [x, y, w, h]
+    and image size (W, H); ``image_ann_ids`` gives the gt-box store's region order per image."""
+
+    ref_ids: List[Any] = dataclasses.field(default_factory=list)
+    ann_ids: List[Any] = dataclasses.field(default_factory=list)
+    image_ids: List[Any] = dataclasses.field(default_factory=list)
+    gt_boxes: List[List[float]] = dataclasses.field(default_factory=list)
+    image_sizes: List[List[float]] = dataclasses.field(default_factory=list)
+    image_ann_ids: Dict[Any, List[Any]] = dataclasses.field(default_factory=dict)
+
+    def add_expression(self, sent_id: Any, ref_id: Any, ann_id: Any, image_id: Any, bbox: Sequence[float],
+                       size: Sequence[float], txt_len: int, img_key: str, **text: Any) -> None:
+        self.add(sent_id, txt_len, img_key, 0, **text)
+        self.ref_ids.append(ref_id)
+        self.ann_ids.append(ann_id)
+        self.image_ids.append(image_id)
+        self.gt_boxes.append([float(x) for x in bbox])
+        self.image_sizes.append(list(size))
+
+
 class RefcocoDataset(BaseDataset):
     """Expressions as columns; text in memory (refer JSON) or read per item from a txt_db."""
 
-    def __init__(self, dataset_name: str, dataset_type: str, config: Any, *, sent_ids: List[Any],
-                 ref_ids: List[Any], ann_ids: List[Any], image_ids: List[Any], txt_lens: Sequence[int],
-                 img_keys: List[str], img_db: ImgFeatDB, gt_boxes: Sequence[Sequence[float]],
-                 image_sizes: Sequence[Sequence[float]], cls_id: int, sep_id: int,
-                 image_ann_ids: Optional[Dict[Any, List[Any]]] = None, input_ids: Optional[List[List[int]]] = None,
-                 txt_db: Optional[TxtDB] = None, txt_keys: Optional[List[str]] = None,
+    def __init__(self, dataset_name: str, dataset_type: str, config: Any, records: RefcocoRecords, img_db: ImgFeatDB,
                  target_min_iou: float = 0.5, variant: str = "", source_split: str = "", boxes: str = "gt",
                  num_dropped: int = 0):
         super().__init__(dataset_name, dataset_type, config)
-        self.sent_ids, self.ref_ids, self.ann_ids, self.image_ids = sent_ids, ref_ids, ann_ids, image_ids
-        self.txt_lens = np.asarray(txt_lens, dtype=np.int64)
-        self.img_keys, self.img_db = img_keys, img_db
-        self.gt_boxes = torch.as_tensor(np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4))
-        self.image_sizes = torch.as_tensor(np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2))
-        self.cls_id, self.sep_id = int(cls_id), int(sep_id)
-        self.image_ann_ids = image_ann_ids or {}
-        self._input_ids, self._txt_db, self._txt_keys = input_ids, txt_db, txt_keys
+        self.sent_ids, self.ref_ids, self.ann_ids = records.ids, records.ref_ids, records.ann_ids
+        self.image_ids = records.image_ids
+        self.txt_lens = np.asarray(records.txt_lens, dtype=np.int64)
+        self.img_keys, self.img_db = records.img_keys, img_db
+        self.gt_boxes = torch.as_tensor(np.asarray(records.gt_boxes, dtype=np.float64).reshape(-1, 4))
+        self.image_sizes = torch.as_tensor(np.asarray(records.image_sizes, dtype=np.float64).reshape(-1, 2))
+        self.cls_id, self.sep_id = int(records.cls_id), int(records.sep_id)
+        self.image_ann_ids = records.image_ann_ids or {}
+        self._input_ids, self._txt_keys = records.input_ids, records.txt_keys
+        self._txt_db = records.txt_dbs[0] if records.txt_dbs else None
         self.target_min_iou = float(target_min_iou)
         self.variant, self.boxes = variant, boxes
         self.source_split = source_split or dataset_type  # the variant's split (e.g. testB for our test)
@@ -126,7 +146,9 @@ class RefcocoDataset(BaseDataset):
     def collate(self, examples: List[Dict[str, Any]]) -> SampleList:
         batch: Dict[str, Any] = dict(collate_rows(examples))
         targets = [e["target"] for e in examples]
-        if self.dataset_type == "train" or all(t >= 0 for t in targets):
+        # Rows without a usable target stay in at -100, which the losses ignore: the loss of a batch is
+        # that of every row that has a target (training keeps even an all -100 batch, as before).
+        if self.dataset_type == "train" or any(t >= 0 for t in targets):
             batch["targets"] = torch.as_tensor(targets, dtype=torch.long)
         batch.update(
             gt_boxes=torch.stack([e["gt_box"] for e in examples]).float(),
