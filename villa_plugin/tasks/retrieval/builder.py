@@ -28,25 +28,13 @@ import logging
 import os
 from typing import Any, Dict, List, Tuple
 
+import villa_plugin.tasks.retrieval.demo as retrieval_demo
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.datasets.base import BaseDataset
-from villa_plugin.tasks.retrieval.dataset import (
-    RetrievalCorpus,
-    RetrievalEvalDataset,
-    RetrievalTrainDataset,
-)
-import villa_plugin.tasks.retrieval.demo as retrieval_demo
-from villa_plugin.datasets.task_common import (
-    ExampleFilter,
-    check_image,
-    choice,
-    read_json,
-    resolve_path,
-    split_paths,
-)
-from villa_plugin.datasets.text import TxtDB, WordPieceTokenizer
-from villa_plugin.datasets.task_builder import TaskBuilder
+from villa_plugin.datasets.task_builder import SplitContext, TaskBuilder
+from villa_plugin.datasets.task_common import choice, read_json, resolve_path
 from villa_plugin.registry import registry
+from villa_plugin.tasks.retrieval.dataset import RetrievalCorpus, RetrievalEvalDataset, RetrievalTrainDataset
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +53,7 @@ class RetrievalBuilder(TaskBuilder):
 
     NAME = NAME
     DEMO = retrieval_demo
+    SOURCES = ("txt_db", "karpathy_json")
 
     def settings(self) -> Dict[str, Any]:
         """The effective config: the corpus block merged over the top level, or the demo's files."""
@@ -82,94 +71,82 @@ class RetrievalBuilder(TaskBuilder):
                 data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], img_key_format=p["img_key_format"],
                 karpathy_json=p["karpathy_json"], karpathy_splits=p["karpathy_splits"],
                 txt_db={s: [v] for s, v in p["txt_db"].items()}, img_db={s: [p["img_db"]] for s in p["txt_db"]},
-                **{k: p[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")},
+                **{k: p[k] for k in self.DEMO_FEATURE_KEYS},
             )
         return cfg
 
     # -- datasets -------------------------------------------------------------------------------
-    def build_dataset(self, split: str) -> BaseDataset:
-        cfg = self.settings()
-        source, policy, filt, img_dbs = self.open_split(cfg, split, ("txt_db", "karpathy_json"))
-        training = split == "train"
-        if source == "txt_db":
-            corpus = self._from_txt_db(cfg, split, img_dbs, filt, policy)
-        else:
-            corpus = self._from_karpathy(cfg, split, img_dbs, filt, policy)
-        if corpus.n_texts == 0:
-            raise DataError(f"{self.dataset_name} {split}: no texts left ({dict(filt.dropped)} dropped)")
-        filt.log(corpus.n_texts)
-        logger.info("%s %s: %d texts, %d images (corpus %s, source %s)", self.dataset_name, split,
-                    corpus.n_texts, corpus.n_images, cfg.get("corpus"), source)
-        if training:
+    def make_dataset(self, ctx: SplitContext, corpus: RetrievalCorpus) -> BaseDataset:
+        """Training: query batches with sampled negatives; val / test: every (text, image) pair."""
+        cfg = ctx.cfg
+        logger.info("%s %s: %d texts, %d images (corpus %s, source %s)", self.dataset_name, ctx.split,
+                    corpus.n_texts, corpus.n_images, cfg.get("corpus"), ctx.source)
+        if ctx.training:
             directions = list(cfg.get("directions") or DIRECTIONS)
             if set(directions) - set(DIRECTIONS) or not directions:
                 raise ConfigError(f"dataset_config.{self.dataset_name}.directions must be a non-empty subset of "
                                   f"{list(DIRECTIONS)}, got {directions}")
             return RetrievalTrainDataset(
-                self.dataset_name, split, cfg, corpus, directions=directions,
+                self.dataset_name, ctx.split, cfg, corpus, directions=directions,
                 negative_size=_positive_int(cfg, "negative_size", 399, self.dataset_name),
                 hard_neg_size=_positive_int(cfg, "hard_neg_size", 31, self.dataset_name),
                 mining_chunk_size=_positive_int(cfg, "mining_chunk_size", 400, self.dataset_name),
                 mining_warmup_batches=_non_negative_int(cfg, "mining_warmup_batches", 0, self.dataset_name),
-                num_dropped=filt.num_dropped,
+                num_dropped=ctx.filt.num_dropped,
             )
         return RetrievalEvalDataset(
-            self.dataset_name, split, cfg, corpus,
+            self.dataset_name, ctx.split, cfg, corpus,
             feature_cache_images=_positive_int(cfg, "feature_cache_images", 8, self.dataset_name),
             corpus_name=str(cfg.get("corpus")), predict_top_k=_positive_int(cfg, "predict_top_k", 10, self.dataset_name),
-            predict_score_matrix=bool(cfg.get("predict_score_matrix", False)), num_over_limit=filt.num_over_limit,
+            predict_score_matrix=bool(cfg.get("predict_score_matrix", False)), num_over_limit=ctx.filt.num_over_limit,
         )
 
-    def _from_txt_db(self, cfg, split, img_dbs, filt: ExampleFilter, policy: str) -> RetrievalCorpus:
-        txt_paths = split_paths(cfg, "txt_db", split, self.dataset_name)
-        if not txt_paths:
-            raise ConfigError(f"dataset_config.{self.dataset_name}.txt_db.{split} lists no txt_dbs")
-        if len(img_dbs) not in (1, len(txt_paths)):
-            raise ConfigError(f"{self.dataset_name} {split}: {len(txt_paths)} txt_dbs need 1 or {len(txt_paths)} "
+    def read_txt_db(self, ctx: SplitContext) -> RetrievalCorpus:
+        """UNITER's ITM txt_dbs, ``txt_db[i]`` paired with ``img_db[i]`` (or all with a single img_db)."""
+        img_dbs = ctx.img_dbs
+        txt_dbs = self.open_txt_dbs(ctx)
+        if len(img_dbs) not in (1, len(txt_dbs)):
+            raise ConfigError(f"{self.dataset_name} {ctx.split}: {len(txt_dbs)} txt_dbs need 1 or {len(txt_dbs)} "
                               f"img_dbs (paired in order), got {len(img_dbs)}")
-        txt_dbs = [TxtDB(p, -1) for p in txt_paths]  # the length filter is applied (and counted) below
         metas = {(t.cls_, t.sep) for t in txt_dbs}
         if len(metas) > 1:
-            raise DataError(f"{self.dataset_name} {split}: txt_dbs {txt_paths} use different [CLS]/[SEP] ids; "
-                            f"all must share one vocabulary.")
+            raise DataError(f"{self.dataset_name} {ctx.split}: txt_dbs {[t.db_dir for t in txt_dbs]} use different "
+                            f"[CLS]/[SEP] ids; all must share one vocabulary.")
         images: Dict[Tuple[int, str], int] = {}
         cols: Dict[str, List] = {k: [] for k in ("text_ids", "text_img", "text_lens", "text_db_index")}
         image_keys: List[str] = []
         image_db: List[int] = []
-        for t_idx, tdb in enumerate(txt_dbs):
-            d_idx = t_idx if len(img_dbs) > 1 else 0
-            for key, tlen in tdb.id2len.items():
-                where = f'txt_db {tdb.db_dir}, example "{key}"'
-                if filt.over_limit(tlen):
+        for ex in self.txt_db_examples(ctx, txt_dbs):
+            d_idx = ex.db_index if len(img_dbs) > 1 else 0
+            fname = ex.img_fname()
+            if not isinstance(fname, str):
+                raise DataError(f"{ex.where}: img_fname must be one image key, got {fname!r} (txt2img.json or the example)")
+            if (d_idx, fname) not in images:
+                if ctx.locate([fname], ex.where, dbs=[[img_dbs[d_idx]]]) is None:
                     continue
-                fname = tdb.txt2img.get(key) or tdb[key].get("img_fname")
-                if not isinstance(fname, str):
-                    raise DataError(f"{where}: img_fname must be one image key, got {fname!r} (txt2img.json or the example)")
-                if (d_idx, fname) not in images:
-                    if check_image([img_dbs[d_idx]], fname, where, filt, policy) is None:
-                        continue
-                    images[(d_idx, fname)] = len(image_keys)
-                    image_keys.append(fname)
-                    image_db.append(d_idx)
-                cols["text_ids"].append(str(key))
-                cols["text_img"].append(images[(d_idx, fname)])
-                cols["text_lens"].append(int(tlen))
-                cols["text_db_index"].append(t_idx)
+                images[(d_idx, fname)] = len(image_keys)
+                image_keys.append(fname)
+                image_db.append(d_idx)
+            cols["text_ids"].append(str(ex.key))
+            cols["text_img"].append(images[(d_idx, fname)])
+            cols["text_lens"].append(ex.length)
+            cols["text_db_index"].append(ex.db_index)
         return RetrievalCorpus(
             text_ids=cols["text_ids"], text_img=cols["text_img"], text_lens=cols["text_lens"],
             image_ids=list(image_keys), image_keys=image_keys, image_db=image_db, img_dbs=img_dbs,
             cls_id=txt_dbs[0].cls_, sep_id=txt_dbs[0].sep, txt_dbs=txt_dbs, text_db_index=cols["text_db_index"],
         )
 
-    def _from_karpathy(self, cfg, split, img_dbs, filt: ExampleFilter, policy: str) -> RetrievalCorpus:
+    def read_karpathy_json(self, ctx: SplitContext) -> RetrievalCorpus:
+        """A Karpathy-split file, tokenised here; the images of ``karpathy_splits.<split>``."""
+        cfg, split, filt, img_dbs = ctx.cfg, ctx.split, ctx.filt, ctx.img_dbs
         path = resolve_path(cfg, cfg.get("karpathy_json"), self.dataset_name, "karpathy_json")
         data = read_json(path, KARPATHY_HINT)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise DataError(f"{path} has no 'images' list; is it a Karpathy-split file (dataset_flickr30k.json)? {KARPATHY_HINT}")
         wanted = (cfg.get("karpathy_splits") or {}).get(split)
         wanted = [wanted] if isinstance(wanted, str) else list(wanted or [split])
-        tok = WordPieceTokenizer(resolve_path(cfg, cfg.get("vocab"), self.dataset_name, "vocab"),
-                                 lowercase=bool(cfg.get("lowercase", False)))
+        tok = ctx.tokenizer()
         key_format = str(cfg.get("img_key_format", "flickr30k_{stem:0>12}.npz"))
         cols: Dict[str, List] = {k: [] for k in ("text_ids", "text_img", "text_lens", "input_ids")}
         image_ids, image_keys, image_db = [], [], []
@@ -181,8 +158,8 @@ class RetrievalBuilder(TaskBuilder):
             if not isinstance(sentences, list) or "filename" not in img:
                 raise DataError(f"{where}: a Karpathy image needs 'filename' and a 'sentences' list. {KARPATHY_HINT}")
             key = karpathy_image_key(key_format, img, where)
-            d_idx = check_image(img_dbs, key, where, filt, policy)
-            if d_idx is None:
+            located = ctx.locate([key], where)
+            if located is None:
                 continue
             texts = [s.get("raw") if s.get("raw") is not None else " ".join(s.get("tokens") or []) for s in sentences]
             kept = []
@@ -195,7 +172,7 @@ class RetrievalBuilder(TaskBuilder):
             j = len(image_keys)
             image_ids.append(img["cocoid"] if "cocoid" in img else img["filename"])
             image_keys.append(key)
-            image_db.append(d_idx)
+            image_db.append(located[0])
             for sent_id, ids in kept:
                 cols["text_ids"].append(sent_id)
                 cols["text_img"].append(j)

@@ -75,6 +75,9 @@ class RetrievalCorpus:
         bounds = np.searchsorted(self.text_img[order], np.arange(self.n_images + 1))
         self.image_texts = [order[bounds[j]: bounds[j + 1]] for j in range(self.n_images)]
 
+    def __len__(self) -> int:
+        return self.n_texts
+
     @property
     def n_texts(self) -> int:
         return len(self.text_ids)
