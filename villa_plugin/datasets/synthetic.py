@@ -26,17 +26,22 @@ _BLOCK = 64  # dimensions per prototype
 
 
 # -- shape / colour prototypes ------------------------------------------------------------------
-def prototypes() -> Dict[str, np.ndarray]:
-    """One sparse non-negative 2048-d prototype per shape, colour, 'clutter' and 'background'."""
-    names = [f"shape:{s}" for s in SHAPES] + [f"color:{c}" for c in COLORS] + ["clutter", "background"]
-    rng = np.random.default_rng(PROTOTYPE_SEED)
-    dims = rng.permutation(FEAT_DIM)[: len(names) * _BLOCK].reshape(len(names), _BLOCK)
+def _sparse_prototypes(names: Sequence[str], dims: Any, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    """One prototype per name: ``_BLOCK`` dimensions drawn from ``dims`` (an int n means range(n)),
+    valued uniformly in [1, 2); the rest 0."""
+    blocks = rng.permutation(dims)[: len(names) * _BLOCK].reshape(len(names), _BLOCK)
     out = {}
-    for name, block in zip(names, dims):
+    for name, block in zip(names, blocks):
         vec = np.zeros(FEAT_DIM, dtype=np.float32)
         vec[block] = rng.uniform(1.0, 2.0, size=_BLOCK)
         out[name] = vec
     return out
+
+
+def prototypes() -> Dict[str, np.ndarray]:
+    """One sparse non-negative 2048-d prototype per shape, colour, 'clutter' and 'background'."""
+    names = [f"shape:{s}" for s in SHAPES] + [f"color:{c}" for c in COLORS] + ["clutter", "background"]
+    return _sparse_prototypes(names, FEAT_DIM, np.random.default_rng(PROTOTYPE_SEED))
 
 
 def decode_region(feat: np.ndarray, protos: Optional[Dict[str, np.ndarray]] = None) -> Tuple[str, ...]:
@@ -58,16 +63,9 @@ def extra_prototypes(names: Sequence[str], seed: int) -> Dict[str, np.ndarray]:
     for vec in prototypes().values():
         used |= vec > 0
     free = np.flatnonzero(~used)
-    rng = np.random.default_rng(seed)
     if len(names) * _BLOCK > free.size:
         raise ValueError(f"not enough free feature dimensions for {len(names)} extra prototypes")
-    blocks = rng.permutation(free)[: len(names) * _BLOCK].reshape(len(names), _BLOCK)
-    out = {}
-    for name, block in zip(names, blocks):
-        vec = np.zeros(FEAT_DIM, dtype=np.float32)
-        vec[block] = rng.uniform(1.0, 2.0, size=_BLOCK)
-        out[name] = vec
-    return out
+    return _sparse_prototypes(names, free, np.random.default_rng(seed))
 
 
 def _noise(rng: np.random.Generator, scale: float) -> np.ndarray:

@@ -23,26 +23,26 @@ import dataclasses
 import os
 import sys
 from types import ModuleType
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.datasets.base import BaseDataset, BaseDatasetBuilder
 from villa_plugin.datasets.features import ImgFeatDB
 from villa_plugin.datasets.task_common import (
-    FEATURE_KEYS,
+    IMG_DB_KEYS,
     ExampleFilter,
     as_plain_dict,
     check_image,
     check_split,
     choice,
     open_img_db,
+    read_jsonl,
     resolve_path,
     split_paths,
 )
 from villa_plugin.datasets.text import TxtDB, WordPieceTokenizer
 
 MISSING_IMAGE_POLICIES = ("error", "skip")
-DEMO_FEATURE_KEYS = tuple(name for name, _ in FEATURE_KEYS) + ("compressed",)
 
 
 @dataclasses.dataclass
@@ -173,7 +173,7 @@ class TaskBuilder(BaseDatasetBuilder):
     SPLITS: Tuple[str, ...] = ("train", "val", "test")
     DEFAULT_MAX_TXT_LEN = 60
     DEMO_PER_SPLIT = ("txt_db", "annotations", "img_db")  # demo paths()["splits"][split][key]
-    DEMO_FEATURE_KEYS = DEMO_FEATURE_KEYS
+    DEMO_FEATURE_KEYS = IMG_DB_KEYS
 
     def __init__(self, dataset_name: Optional[str] = None, config: Any = None):
         super().__init__(dataset_name or self.NAME, config)
@@ -214,6 +214,13 @@ class TaskBuilder(BaseDatasetBuilder):
             **{key: paths[key] for key in self.DEMO_FEATURE_KEYS},
         )
 
+    def merge_block(self, cfg: Dict[str, Any], block_name: str, keys: Sequence[str]) -> Dict[str, Any]:
+        """``cfg`` with the set keys of its ``block_name`` mapping (a corpus or variant block) on top."""
+        block = cfg.get(block_name) or {}
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"dataset_config.{self.dataset_name}.{block_name} must be a mapping of its own settings")
+        return dict(cfg, **{key: block[key] for key in keys if block.get(key) is not None})
+
     # -- building a split -----------------------------------------------------------------------
     def build_dataset(self, split: str) -> BaseDataset:
         ctx = self.open_split(self.settings(), split)
@@ -252,6 +259,19 @@ class TaskBuilder(BaseDatasetBuilder):
         """The split's txt_dbs (``txt_db.<split>``); the length filter is applied by
         :meth:`txt_db_examples`, so every example is listed here."""
         return [db_class(p, -1) for p in ctx.paths("txt_db", "txt_dbs")]
+
+    def annotation_lines(self, ctx: SplitContext, tok: WordPieceTokenizer, required: Sequence[str], text_field: str,
+                         hint: str) -> Iterator[Tuple[str, int, Dict[str, Any], List[int]]]:
+        """``(path, line number, annotation, token ids of its text_field)`` for every line of the split's
+        JSON-lines ``annotations`` files; a line without a ``required`` field is a DataError naming it."""
+        for path in ctx.paths("annotations", "annotation files"):
+            lines = list(read_jsonl(path, hint))
+            for number, ann in lines:
+                missing = [f for f in required if f not in ann]
+                if missing:
+                    raise DataError(f"{path}, line {number}: a {self.dataset_name} example needs {missing}. {hint}")
+            for (number, ann), ids in zip(lines, tok.encode_batch([ann[text_field] for _, ann in lines])):
+                yield path, number, ann, ids
 
     @staticmethod
     def txt_db_examples(ctx: SplitContext, txt_dbs: Sequence[TxtDB]) -> Iterator[TxtDbExample]:

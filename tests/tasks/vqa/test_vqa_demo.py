@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 import villa_plugin.tasks.vqa.demo as demo
 from villa_plugin.tasks.vqa.builder import VQA2Builder
 from villa_plugin.datasets.features import ImgFeatDB
+from villa_plugin.datasets.task_common import img_db_settings
 from villa_plugin.datasets.text import WordPieceTokenizer
 from villa_plugin.datasets.materialise import is_current
 
@@ -84,7 +85,7 @@ def test_sizes_formats_and_vocab(demo_root):
         counts[split] = len(questions)
         for q in questions:
             assert tok.token_to_id("[UNK]") not in tok.encode(q["question"])
-        db = ImgFeatDB(sp["img_db"], **{k: p[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")})
+        db = ImgFeatDB(sp["img_db"], **img_db_settings(p))
         feat, pos = db[db.keys()[0]]
         assert feat.shape[1] == 2048 and pos.shape[1] == 7 and 10 <= feat.shape[0] <= 16
     assert counts == demo.SPLITS and counts["train"] >= 10000  # enough fresh questions not to memorise

@@ -23,7 +23,6 @@ from __future__ import annotations
 import villa_plugin.tasks.nlvr2.demo as nlvr2_demo
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.datasets.task_builder import ExampleRecords, SplitContext, TaskBuilder
-from villa_plugin.datasets.task_common import read_jsonl
 from villa_plugin.registry import registry
 from villa_plugin.tasks.nlvr2.dataset import Nlvr2Dataset, parse_label
 
@@ -61,22 +60,17 @@ class Nlvr2Builder(TaskBuilder):
         tok = ctx.tokenizer()
         key_format = str(ctx.cfg.get("img_key_format", "nlvr2_{image_id}-img{side}.npz"))
         records = ExampleRecords.in_memory(tok)
-        for path in ctx.paths("annotations", "annotation files"):
-            lines = list(read_jsonl(path, ANNOTATION_HINT))
-            for (number, ann) in lines:
-                if "identifier" not in ann or "sentence" not in ann:
-                    raise DataError(f"{path}, line {number}: an NLVR2 example needs 'identifier' and 'sentence'. {ANNOTATION_HINT}")
-            all_ids = tok.encode_batch([ann["sentence"] for _, ann in lines])
-            for (number, ann), ids in zip(lines, all_ids):
-                where = f"{path}, line {number} ({ann['identifier']})"
-                target = parse_label(ann.get("label"), where)
-                if ctx.filt.over_limit(len(ids)):
-                    continue
-                image_id = str(ann["identifier"]).rsplit("-", 1)[0]
-                keys = [image_key(key_format, image_id, side) for side in (0, 1)]
-                located = ctx.locate(keys, where)
-                if located is not None:
-                    records.add(str(ann["identifier"]), len(ids), keys, located, input_ids=ids, target=target)
+        lines = self.annotation_lines(ctx, tok, ("identifier", "sentence"), "sentence", ANNOTATION_HINT)
+        for path, number, ann, ids in lines:
+            where = f"{path}, line {number} ({ann['identifier']})"
+            target = parse_label(ann.get("label"), where)
+            if ctx.filt.over_limit(len(ids)):
+                continue
+            image_id = str(ann["identifier"]).rsplit("-", 1)[0]
+            keys = [image_key(key_format, image_id, side) for side in (0, 1)]
+            located = ctx.locate(keys, where)
+            if located is not None:
+                records.add(str(ann["identifier"]), len(ids), keys, located, input_ids=ids, target=target)
         return records.drop_absent_targets()
 
 

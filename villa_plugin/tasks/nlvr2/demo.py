@@ -32,6 +32,7 @@ from villa_plugin.datasets.synthetic import (
     write_vocab,
 )
 from villa_plugin.datasets.features import write_img_db
+from villa_plugin.datasets.task_common import img_db_settings
 from villa_plugin.datasets.text import WordPieceTokenizer, write_txt_db
 
 VERSION = 1
@@ -115,7 +116,7 @@ def _write(root: str) -> None:
                 })
         dump_jsonl(p["splits"][split]["annotations"], annotations)
         write_img_db(p["splits"][split]["img_db"], records,
-                     **{k: DEMO_FEATURES[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")})
+                     **img_db_settings(DEMO_FEATURES))
         examples = []
         for ann, ids in zip(annotations, tok.encode_batch([a["sentence"] for a in annotations])):
             image_id = ann["identifier"].rsplit("-", 1)[0]

@@ -94,10 +94,7 @@ class RefcocoBuilder(TaskBuilder):
         if variant not in VARIANTS:
             raise ConfigError(f"dataset_config.{self.dataset_name}.variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         block_name = VARIANTS[variant]
-        block = cfg.get(block_name) or {}
-        for key in VARIANT_KEYS:
-            if block.get(key) is not None:
-                cfg[key] = block[key]
+        cfg = self.merge_block(cfg, block_name, VARIANT_KEYS)
         if cfg.get("demo"):
             p = self.materialise_demo()
             cfg.update(data_dir=p["root"], vocab=p["vocab"], lowercase=p["lowercase"], txt_db=p["txt_db"],

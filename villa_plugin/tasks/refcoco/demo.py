@@ -32,6 +32,7 @@ from villa_plugin.datasets.synthetic import (
     write_vocab,
 )
 from villa_plugin.datasets.features import write_img_db
+from villa_plugin.datasets.task_common import img_db_settings
 from villa_plugin.datasets.text import WordPieceTokenizer, write_txt_db
 
 VERSION = 1
@@ -174,7 +175,7 @@ def _write(root: str) -> None:
     dump_json(p["instances_json"], {"images": [{k: v for k, v in img.items() if k not in ("ann_ids", "split")} for img in images],
                                     "annotations": annotations, "categories": categories})
     for kind, records in (("gt", gt_records), ("det", det_records)):
-        write_img_db(p["img_db"][kind], records, **{k: FEATURES[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")})
+        write_img_db(p["img_db"][kind], records, **img_db_settings(FEATURES))
     anns_by_id = {a["id"]: a for a in annotations}
     for split in SPLITS:
         split_refs = [r for r in refs if r["split"] == split]

@@ -59,12 +59,7 @@ class RetrievalBuilder(TaskBuilder):
         """The effective config: the corpus block merged over the top level, or the demo's files."""
         cfg = dict(self.cfg)
         corpus = choice(cfg, "corpus", CORPORA, self.dataset_name, "flickr30k")
-        block = cfg.get(corpus) or {}
-        if not isinstance(block, dict):
-            raise ConfigError(f"dataset_config.{self.dataset_name}.{corpus} must be a mapping of per-corpus settings")
-        for key in CORPUS_KEYS:
-            if block.get(key) is not None:
-                cfg[key] = block[key]
+        cfg = self.merge_block(cfg, corpus, CORPUS_KEYS)
         if cfg.get("demo"):
             p = self.materialise_demo()
             cfg.update(

@@ -31,6 +31,7 @@ from villa_plugin.datasets.synthetic import (
     write_vocab,
 )
 from villa_plugin.datasets.features import write_img_db
+from villa_plugin.datasets.task_common import img_db_settings
 from villa_plugin.datasets.text import WordPieceTokenizer, write_txt_db
 
 VERSION = 2
@@ -88,7 +89,7 @@ def _write(root: str) -> None:
             images.append({"filename": filename, "imgid": image_id, "split": split, "filepath": "demo",
                            "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
     dump_json(p["karpathy_json"], {"dataset": "demo", "images": images})
-    write_img_db(p["img_db"], records, **{k: DEMO_FEATURES[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")})
+    write_img_db(p["img_db"], records, **img_db_settings(DEMO_FEATURES))
     for split in SPLITS:
         sents = [(img, s) for img in images if img["split"] == split for s in img["sentences"]]
         ids = tok.encode_batch([s["raw"] for _, s in sents])

@@ -35,6 +35,7 @@ from villa_plugin.datasets.synthetic import (
     write_vocab,
 )
 from villa_plugin.datasets.features import write_img_db
+from villa_plugin.datasets.task_common import img_db_settings
 from villa_plugin.datasets.text import WordPieceTokenizer, write_txt_db
 
 VERSION = 1
@@ -128,7 +129,7 @@ def _write(root: str) -> None:
                      conf_th=-1, num_bb=GT_FEATURES["gt_num_bb"], compressed=DEMO_FEATURES["compressed"])
         write_img_db(p["splits"][split]["img_db"],
                      [(DET_KEY_FORMAT.format(split=split, img_fn=img_fn(e)), e["det"]) for e in examples],
-                     **{k: DEMO_FEATURES[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")})
+                     **img_db_settings(DEMO_FEATURES))
         records, id2len_qa, id2len_qar = [], {}, {}
         for e in examples:
             ann = e["ann"]

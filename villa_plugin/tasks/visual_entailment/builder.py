@@ -22,7 +22,6 @@ from typing import Any
 import villa_plugin.tasks.visual_entailment.demo as ve_demo
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.datasets.task_builder import ExampleRecords, SplitContext, TaskBuilder
-from villa_plugin.datasets.task_common import read_jsonl
 from villa_plugin.registry import registry
 from villa_plugin.tasks.visual_entailment.dataset import VEDataset, ve_target
 from villa_plugin.tasks.visual_entailment.head import VE_LABELS
@@ -58,22 +57,16 @@ class VEBuilder(TaskBuilder):
         tok = ctx.tokenizer()
         key_format = str(ctx.cfg.get("img_key_format", "flickr30k_{image_id:012d}.npz"))
         records = ExampleRecords.in_memory(tok)
-        for path in ctx.paths("annotations", "annotation files"):
-            lines = list(read_jsonl(path, ANNOTATION_HINT))
-            for number, ann in lines:
-                missing = [f for f in ("Flikr30kID", "sentence2", "pairID") if f not in ann]
-                if missing:
-                    raise DataError(f"{path}, line {number}: an SNLI-VE example needs {missing}. {ANNOTATION_HINT}")
-            all_ids = tok.encode_batch([ann["sentence2"] for _, ann in lines])
-            for (number, ann), ids in zip(lines, all_ids):
-                where = f"{path}, line {number} ({ann['pairID']})"
-                target = ve_target(ann.get("gold_label"), where)
-                if ctx.filt.over_limit(len(ids)):
-                    continue
-                image = flickr_key(key_format, ann["Flikr30kID"], where)
-                located = ctx.locate([image], where)
-                if located is not None:
-                    records.add(str(ann["pairID"]), len(ids), image, located[0], input_ids=ids, target=target)
+        lines = self.annotation_lines(ctx, tok, ("Flikr30kID", "sentence2", "pairID"), "sentence2", ANNOTATION_HINT)
+        for path, number, ann, ids in lines:
+            where = f"{path}, line {number} ({ann['pairID']})"
+            target = ve_target(ann.get("gold_label"), where)
+            if ctx.filt.over_limit(len(ids)):
+                continue
+            image = flickr_key(key_format, ann["Flikr30kID"], where)
+            located = ctx.locate([image], where)
+            if located is not None:
+                records.add(str(ann["pairID"]), len(ids), image, located[0], input_ids=ids, target=target)
         return records.drop_absent_targets()
 
 

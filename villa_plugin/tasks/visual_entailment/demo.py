@@ -34,6 +34,7 @@ from villa_plugin.datasets.synthetic import (
     write_vocab,
 )
 from villa_plugin.datasets.features import write_img_db
+from villa_plugin.datasets.task_common import img_db_settings
 from villa_plugin.datasets.text import WordPieceTokenizer, write_txt_db
 
 VERSION = 1
@@ -117,7 +118,7 @@ def _write(root: str) -> None:
             examples.append((ann["pairID"], dict(ann, input_ids=ids, img_fname=image, target=target)))
         write_txt_db(p["splits"][split]["txt_db"], examples, tok.meta("demo-uncased"))
     write_img_db(p["splits"]["train"]["img_db"], records,
-                 **{k: DEMO_FEATURES[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")})
+                 **img_db_settings(DEMO_FEATURES))
 
 
 def stamp() -> Dict[str, Any]:

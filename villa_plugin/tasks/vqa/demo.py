@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from villa_plugin.datasets.features import write_img_db
+from villa_plugin.datasets.task_common import img_db_settings
 from villa_plugin.datasets.materialise import dump_json, materialise
 from villa_plugin.datasets.synthetic import COLORS, FEAT_DIM, SHAPES, decode_region, prototypes  # noqa: F401  (re-exported)
 
@@ -249,7 +250,7 @@ def _write(root: str) -> None:
         if p["splits"][split]["annotations"]:
             dump_json(p["splits"][split]["annotations"], {"info": info, "data_type": "demo", "data_subtype": split,
                                                       "annotations": annotations})
-        settings = {k: FEATURE_SETTINGS[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")}
+        settings = img_db_settings(FEATURE_SETTINGS)
         write_img_db(p["splits"][split]["img_db"], records, **settings)
 
 
