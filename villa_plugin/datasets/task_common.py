@@ -7,7 +7,7 @@ candidate. :func:`make_row` builds a row, :func:`candidate_rows` expands a prefi
 :func:`collate_example_rows` flattens the rows of a batch and collates them with
 :func:`villa_plugin.datasets.collate.collate_rows`.
 
-Keep this module task-agnostic: task specifics live in ``datasets/builders/<task>.py``.
+Keep this module task-agnostic: task specifics live in ``tasks/<task>/``.
 """
 from __future__ import annotations
 

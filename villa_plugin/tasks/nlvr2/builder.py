@@ -15,7 +15,7 @@ type ids 1 / 2 when ``use_img_type``. Token length for bucketing: ``2·text + nb
 (text with [CLS]/[SEP] when ``lengths_include_cls_sep``). Training drops sentences longer than
 ``max_txt_len``; evaluation keeps them; both are counted and logged. Images missing from the dbs (or
 with zero boxes) are an error naming the example, or with ``missing_images: skip`` dropped and
-counted. ``demo: true`` materialises the bundled demo (``datasets/demos/nlvr2.py``) and reads it
+counted. ``demo: true`` materialises the bundled demo (``tasks/nlvr2/demo.py``) and reads it
 with the configured ``source``.
 """
 from __future__ import annotations

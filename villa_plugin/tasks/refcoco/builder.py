@@ -26,7 +26,7 @@ Sources (``source``):
 Training drops expressions longer than ``max_txt_len`` (counted, logged); evaluation keeps them
 (counted, logged). Missing images (or images with zero boxes) are an error naming the file and key,
 or with ``missing_images: skip`` dropped and counted. ``demo: true`` materialises the bundled demo
-(``datasets/demos/refcoco.py``) and reads it with the configured ``source``.
+(``tasks/refcoco/demo.py``) and reads it with the configured ``source``.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ every (text, image) pair for R@1/5/10 (Flickr30k 1K / COCO 5K test images). Trai
 longer than ``max_txt_len`` (counted, logged); evaluation keeps them (counted, logged). Images
 missing from the dbs (or with zero boxes) are an error naming the file and key, or with
 ``missing_images: skip`` dropped and counted. ``demo: true`` materialises the bundled demo
-(``datasets/demos/retrieval.py``) and reads it with the configured ``source``.
+(``tasks/retrieval/demo.py``) and reads it with the configured ``source``.
 """
 from __future__ import annotations
 

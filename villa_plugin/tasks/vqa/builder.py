@@ -10,7 +10,7 @@ Sources (``source``):
   question file's ``data_subtype`` and the ``image_id`` (UNITER's naming,
   ``coco_train2014_000000000009.npz``), looked up in the split's ``img_db`` list.
 
-``demo: true`` materialises the bundled demo (datasets/demo.py) under ``demo_dir`` and uses it
+``demo: true`` materialises the bundled demo (tasks/vqa/demo.py) under ``demo_dir`` and uses it
 with source ``vqa_json``: its files, vocab and feature settings replace the configured ones.
 Relative paths are relative to ``data_dir``. Training drops questions longer than ``max_txt_len``
 tokens (counted, logged); val/test keep all.
