@@ -27,6 +27,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["villa_plugin", "villa_plugin.*"]),
+    package_data={"villa_plugin.tasks": ["*/defaults.yaml"]},  # each task package's own defaults
     data_files=bundled_data_files(),
     install_requires=[
         "torch>=2.4,<2.15",

@@ -1,9 +1,11 @@
-"""Test helpers shared across test folders: ``uniter_testlib`` (tiny UNITER configs and batches)
-lives next to the UNITER trunk's tests and is importable from every test module."""
+"""Test helpers shared across test folders, importable from every test module: ``uniter_testlib``
+(tiny UNITER configs and batches, beside the UNITER trunk's tests) and the data helpers of
+``tests/datasets``."""
 import os
 import sys
 
-_SHARED_HELPER_DIRS = [os.path.join(os.path.dirname(__file__), "backbones", "uniter")]
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+_SHARED_HELPER_DIRS = [os.path.join(_TESTS, "backbones", "uniter"), os.path.join(_TESTS, "datasets")]
 for _path in _SHARED_HELPER_DIRS:
     if _path not in sys.path:
         sys.path.insert(0, _path)

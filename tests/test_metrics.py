@@ -1,11 +1,12 @@
-"""Metrics: accuracy, UNITER's VQA soft score, rank reduction, config parsing."""
+"""Metrics: accuracy, rank reduction, config parsing (task metrics are tested in tests/tasks/<task>/)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from villa_plugin.common.errors import ConfigError
-from villa_plugin.metrics import Accuracy, VQAAccuracy, parse_metric_specs
+from villa_plugin.metrics import Accuracy, parse_metric_specs
+from villa_plugin.tasks.vqa.metrics import VQAAccuracy
 from villa_plugin.registry import RegistryError
 
 
@@ -18,16 +19,6 @@ def test_accuracy_with_indices_one_hot_and_binary_logits():
     binary = Accuracy()
     binary.update({"targets": torch.tensor([1, 0, 0])}, {"scores": torch.tensor([2.0, -1.0, 0.5])})
     assert binary.compute() == pytest.approx(2 / 3)
-
-
-def test_vqa_accuracy_is_the_soft_score_and_keeps_answer_zero():
-    scores = torch.tensor([[5.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 3.0]])
-    targets = torch.tensor([[0.9, 0.3, 0.0], [0.0, 0.6, 1.0], [0.0, 0.0, 0.0]])
-    metric = VQAAccuracy()
-    metric.update({"targets": targets}, {"scores": scores})
-    assert metric.compute() == pytest.approx((0.9 + 0.6 + 0.0) / 3)  # answer 0 counts (UNITER)
-    metric.reset()
-    assert metric.compute() == 0.0
 
 
 def test_reduce_sums_state_across_ranks_in_one_call():

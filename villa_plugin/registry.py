@@ -31,6 +31,7 @@ KINDS = (
     "optimizer",
     "scheduler",
     "strategy",
+    "head",
 )
 
 # The class a registered component of a kind must subclass ("module:qualname", resolved lazily:
@@ -156,6 +157,9 @@ class Registry:
     def register_strategy(self, name: str, override: bool = False):
         return self._decorator("strategy", name, override)
 
+    def register_head(self, name: str, override: bool = False):
+        return self._decorator("head", name, override)
+
     # -- MMF's look-up names --------------------------------------------------------------
     def get_model_class(self, name: str):
         return self.get_component("model", name)
@@ -186,6 +190,9 @@ class Registry:
 
     def get_strategy_class(self, name: str):
         return self.get_component("strategy", name)
+
+    def get_head_class(self, name: str):
+        return self.get_component("head", name)
 
     # -- generic state store (MMF's registry.register / registry.get) ---------------------
     def register(self, key: str, obj: Any) -> Any:

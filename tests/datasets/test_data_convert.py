@@ -7,7 +7,7 @@ import pytest
 
 from datasets_testlib import region_record, vocab_file, write_vqa_json  # noqa: F401 (vocab_file: fixture)
 from villa_plugin.common.errors import DataError
-from villa_plugin.datasets.builders.vqa import VQA2Builder
+from villa_plugin.tasks.vqa.builder import VQA2Builder
 from villa_plugin.datasets.convert import build_vqa_txt_db, convert_npz_dir_to_img_db, main
 from villa_plugin.datasets.features import ImgFeatDB, nbb_json_name
 from villa_plugin.datasets.text import TxtDB

@@ -4,18 +4,44 @@ DDP and ZeRO (find_unused_parameters: false, the default) hang or fail on a trai
 gets no gradient; parameters a head never uses (the pooler under the NLVR2 / RefCOCO heads, the
 pretraining-only mask embedding) must therefore be frozen by the model.
 """
+import glob
+import os
+
 import pytest
+from omegaconf import OmegaConf
 
 from villa_plugin.config.compose import build_config
+from villa_plugin.config.paths import bundled_path
+from villa_plugin.datasets.task_builder import TaskBuilder
 from villa_plugin.registry import registry
 
-DEMOS = ["demo", "demo_nlvr2", "demo_snli_ve", "demo_vcr", "demo_retrieval", "demo_refcoco"]
+
+def demo_projects():
+    """``{builder name: projects/villa/<demo>.yaml}`` for every registered task builder with a demo:
+    the bundled project that trains it on its demo (``datasets: [name]``, ``demo: true``)."""
+    projects = {}
+    for path in sorted(glob.glob(bundled_path("projects/villa/*.yaml"))):
+        conf = OmegaConf.load(path)
+        datasets = list(conf.get("datasets") or [])
+        if len(datasets) == 1 and (conf.get("dataset_config") or {}).get(datasets[0], {}).get("demo"):
+            projects.setdefault(datasets[0], os.path.relpath(path, bundled_path(".")))
+    return projects
 
 
-@pytest.mark.parametrize("demo", DEMOS)
-def test_every_trainable_parameter_gets_a_gradient(demo, tmp_path_factory):
+DEMO_TASKS = [name for name in registry.names("builder")
+              if issubclass(registry.get_builder_class(name), TaskBuilder) and registry.get_builder_class(name).DEMO]
+
+
+def test_every_task_with_a_demo_has_a_demo_project():
+    assert len(DEMO_TASKS) >= 6
+    assert sorted(demo_projects()) == sorted(DEMO_TASKS)
+
+
+@pytest.mark.parametrize("task", DEMO_TASKS)
+def test_every_trainable_parameter_gets_a_gradient(task, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    config = build_config([f"config=projects/villa/{demo}.yaml", f"env.cache_dir={cache}"], load_plugins=False)
+    project = demo_projects()[task]
+    config = build_config([f"config={project}", f"env.cache_dir={cache}"], load_plugins=False)
     model = registry.get_model_class(config.model)(config.model_config[config.model])
     model.build()
     model.init_losses()

@@ -10,7 +10,7 @@ from villa_plugin.adversarial.config import AdversarialConfig
 from villa_plugin.common.errors import CheckpointError, ConfigError
 from villa_plugin.config.compose import build_config
 from villa_plugin.backbones.uniter.checkpoint_keys import export_safetensors
-from villa_plugin.models.heads import get_head
+from villa_plugin.models.trunk import TrunkDims
 from villa_plugin.models.registered import UNITER, VILLA
 from villa_plugin.backbones.uniter.model import UniterConfig
 from villa_plugin.registry import registry
@@ -88,7 +88,7 @@ def test_head_reads_the_trunk_pooler():
 
 
 def test_vqa_head_size_matches_spec():
-    head = get_head("vqa").build(UniterConfig.from_name("base"), 3129, {})
+    head = registry.get_head_class("vqa")(TrunkDims.of(UniterConfig.from_name("base")), 3129, {})
     assert sum(p.numel() for p in head.parameters()) == 5_993_529
 
 

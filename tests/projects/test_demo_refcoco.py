@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from villa_plugin import cli
-from villa_plugin.datasets.demos import refcoco as demo
+import villa_plugin.tasks.refcoco.demo as demo
 from villa_plugin.datasets.features import ImgFeatDB, write_img_db
 from villa_plugin.datasets.text import TxtDB, write_txt_db
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from villa_plugin import cli
-from villa_plugin.datasets.demos import retrieval as demo
+import villa_plugin.tasks.retrieval.demo as demo
 from villa_plugin.datasets.features import ImgFeatDB, write_img_db
+from villa_plugin.datasets.task_common import img_db_settings
 from villa_plugin.datasets.text import TxtDB, write_txt_db
 
 from villa_plugin.models.registered import UNITER
@@ -39,7 +40,7 @@ def test_demo_files_are_in_the_real_formats(tmp_path):
     first = val_db[val_db.ids[0]]
     assert first["img_fname"] == demo.IMG_KEY_FORMAT.format(stem=str(first["sentid"] // demo.CAPTIONS_PER_IMAGE + 1))
     assert len(val_db.ids) == demo.SPLITS["val"] * demo.CAPTIONS_PER_IMAGE
-    db = ImgFeatDB(p["img_db"], **{k: p[k] for k in ("conf_th", "max_bb", "min_bb", "num_bb", "compressed")})
+    db = ImgFeatDB(p["img_db"], **img_db_settings(p))
     feat, pos = db[first["img_fname"]]
     assert feat.shape[1] == 2048 and pos.shape[1] == 7
     assert demo.materialise_demo(str(tmp_path / "retrieval_v2")) == p  # idempotent

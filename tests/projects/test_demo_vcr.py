@@ -6,7 +6,7 @@ import csv
 
 from demo_task_runner import final_metrics, mmf_run, one_torch_thread  # noqa: F401  (autouse fixture)
 
-from villa_plugin.datasets.builders.vcr import CSV_HEADER
+from villa_plugin.tasks.vcr.dataset import CSV_HEADER
 
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from villa_plugin import cli
-from villa_plugin.datasets import demo
+import villa_plugin.tasks.vqa.demo as demo
 
 SHORT_SCHEDULE = (
     "training.max_updates=300",

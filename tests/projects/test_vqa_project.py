@@ -18,7 +18,7 @@ from villa_plugin.models.registered import UNITER
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 NUM_ANSWERS = 3129
-TXT_TO_IMG = {  # txt_db -> img_db, as in configs/datasets/vqa2/defaults.yaml
+TXT_TO_IMG = {  # txt_db -> img_db, as in villa_plugin/tasks/vqa/defaults.yaml
     "vqa_train.db": "coco_train2014",
     "vqa_trainval.db": "coco_val2014",
     "vqa_vg.db": "vg",

@@ -20,9 +20,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from villa_plugin.common.errors import DataError
-from villa_plugin.datasets.builders.vqa import image_key, load_json
-from villa_plugin.datasets.builders.vqa_answers import soft_target
-from villa_plugin.datasets.builders.vqa_dataset import read_label2ans
+from villa_plugin.datasets.task_common import read_json
+from villa_plugin.tasks.vqa.builder import image_key
+from villa_plugin.tasks.vqa.answers import soft_target
+from villa_plugin.tasks.vqa.dataset import read_label2ans
 from villa_plugin.datasets.features import write_img_db
 from villa_plugin.datasets.text import WordPieceTokenizer, write_txt_db
 
@@ -71,13 +72,13 @@ def build_vqa_txt_db(questions_json: str, annotations_json: Optional[str], ans2l
     label2ans = read_label2ans(ans2label_json)
     ans2label = {a: i for i, a in enumerate(label2ans)}
     tok = WordPieceTokenizer(vocab, lowercase=lowercase)
-    qfile = load_json(questions_json)
+    qfile = read_json(questions_json)
     questions = qfile.get("questions")
     if not isinstance(questions, list):
         raise DataError(f"{questions_json} has no 'questions' list")
     anns = None
     if annotations_json:
-        anns = {a["question_id"]: a for a in load_json(annotations_json).get("annotations", [])}
+        anns = {a["question_id"]: a for a in read_json(annotations_json).get("annotations", [])}
     ids = tok.encode_batch([q["question"] for q in questions])
 
     def examples():

@@ -7,7 +7,7 @@ candidate. :func:`make_row` builds a row, :func:`candidate_rows` expands a prefi
 :func:`collate_example_rows` flattens the rows of a batch and collates them with
 :func:`villa_plugin.datasets.collate.collate_rows`.
 
-Keep this module task-agnostic: task specifics live in ``datasets/builders/<task>.py``.
+Keep this module task-agnostic: task specifics live in ``tasks/<task>/``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from villa_plugin.datasets.features import ImgFeatDB
 
 logger = logging.getLogger(__name__)
 
-FEATURE_KEYS = (("conf_th", 0.2), ("max_bb", 100), ("min_bb", 10), ("num_bb", 36))
+FEATURE_KEYS = (("conf_th", 0.2), ("max_bb", 100), ("min_bb", 10), ("num_bb", 36))  # img_db settings, defaults
+IMG_DB_KEYS = tuple(name for name, _ in FEATURE_KEYS) + ("compressed",)  # every key that names an img_db variant
 SPLITS = ("train", "val", "test")
 
 
@@ -80,6 +81,11 @@ def open_img_db(path: str, cfg: Mapping[str, Any], prefix: str = "") -> ImgFeatD
 
     settings = {name: get(name, default) for name, default in FEATURE_KEYS}
     return ImgFeatDB(path, compressed=bool(get("compressed", False)), **settings)
+
+
+def img_db_settings(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """The :data:`IMG_DB_KEYS` entries of ``values`` (e.g. a demo's paths), as ``ImgFeatDB`` / ``write_img_db`` kwargs."""
+    return {key: values[key] for key in IMG_DB_KEYS}
 
 
 def choice(cfg: Mapping[str, Any], key: str, allowed: Sequence[str], dataset: str, default: str) -> str:
@@ -372,6 +378,9 @@ __all__ = [
     "split_paths",
     "check_split",
     "open_img_db",
+    "img_db_settings",
+    "IMG_DB_KEYS",
+    "FEATURE_KEYS",
     "choice",
     "read_json",
     "read_jsonl",

@@ -1,102 +1,78 @@
-"""Task heads on top of the UNITER trunk, selected by name (``model_config.<model>.head``).
+"""Task heads: a registry kind (``@registry.register_head(name)``), selected by ``model_config.<model>.head``.
 
-A head is a :class:`HeadSpec`: the attribute name of its module on the model (which is also the
-prefix of its checkpoint keys, e.g. ``vqa_output.0.weight``), a builder, the name of the KL
-reduction VILLA uses for the task (villa-algorithm.md §4) and a forward function. Later tasks add a
-head with ``register_head(HeadSpec(...))``; the registered models need no change.
+A head is a :class:`TaskHead` subclass. It is built from the trunk's :class:`TrunkDims`, the
+configured ``num_labels`` and the model config (``head_config``), and maps a :class:`TrunkOutput`
+(plus the batch, for task fields such as retrieval's candidates) to scores. It never receives the
+trunk module. Class attributes declare what the model needs to know:
 
-KL reduction names (of the elementwise ``[rows, C]`` symmetric KL; implemented by
-``villa_plugin.adversarial.losses.KL_REDUCTIONS``): ``mean_times_classes`` = ``kl.mean() * C``
-(VQA, SNLI-VE), ``sum_classes_mean`` = ``kl.sum(1).mean()`` (NLVR2), ``mean`` = ``kl.mean()`` (VCR).
+- ``module_name``: the prefix of the head's keys in MMF checkpoints (``vqa_output`` for
+  ``mmf``'s ``classifier.*``) and the name shown in load reports;
+- ``kl_reduction``: the name of VILLA's KL reduction for the task (a key of
+  ``villa_plugin.adversarial.losses.KL_REDUCTIONS``): ``mean_times_classes`` = ``kl.mean() * C``
+  (VQA, SNLI-VE), ``sum_classes_mean`` = ``kl.sum(1).mean()`` (NLVR2, RE, retrieval), ``mean`` =
+  ``kl.mean()`` (VCR);
+- ``uses_pooler``: False for heads that read token outputs only; the model then passes
+  ``pooled=None`` and freezes the trunk pooler, so DDP / ZeRO need no ``find_unused_parameters``;
+- ``embedding_growth``: an :class:`EmbeddingGrowth` when the head needs more type rows or words.
+
+The head's children are registered on the model under their own names, so the state-dict keys are
+the official top-level ones (``vqa_output.0.weight``, ``attn1.in_proj_weight``, ``rank_output.bias``).
+The model re-initialises a new head with the trunk's init (N(0, initializer_range), bias 0,
+LayerNorm 1/0), as the reference heads are. Because the head object itself is not a submodule of the
+model, its forward must not read ``self.training`` (its children's modes are kept right).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Dict
+from typing import Any, ClassVar, Dict, Optional
 
 import torch
 from torch import nn
 
 from villa_plugin.adversarial.losses import KL_REDUCTIONS
 from villa_plugin.common.errors import ConfigError
-from villa_plugin.backbones.uniter.model import UniterConfig, UniterModel, init_uniter_weights
-from villa_plugin.registry import suggest
+from villa_plugin.models.trunk import EmbeddingGrowth, TrunkDims, TrunkOutput
+from villa_plugin.registry import RegistryError, registry
 
 
-def pooled_head_forward(
-    head: nn.Module, uniter: UniterModel, sequence_output: torch.Tensor, batch: Any
-) -> torch.Tensor:
-    """The common head input: the trunk pooler on ``[CLS]`` (``tanh(dense(h[:, 0]))``), then the head."""
-    return head(uniter.pooler(sequence_output))
+class TaskHead(nn.Module):
+    """Base class of the registered heads (see the module docstring)."""
 
+    module_name: ClassVar[str] = ""
+    kl_reduction: ClassVar[str] = ""
+    uses_pooler: ClassVar[bool] = True
+    embedding_growth: ClassVar[Optional[EmbeddingGrowth]] = None
 
-@dataclasses.dataclass(frozen=True)
-class HeadSpec:
-    """How to build and run one task head.
-
-    - ``module_name``: attribute on the model; prefix of the head's checkpoint keys.
-    - ``build(config, num_labels, head_config) -> nn.Module`` (weights are re-initialised afterwards
-      with the UNITER init, as the reference heads do).
-    - ``kl_reduction``: a key of ``villa_plugin.adversarial.losses.KL_REDUCTIONS``.
-    - ``forward(head, uniter, sequence_output, batch) -> logits``.
-    - ``uses_pooler``: False for heads that read token outputs directly; the model then freezes the
-      trunk pooler so that DDP / ZeRO need no ``find_unused_parameters``.
-    """
-
-    name: str
-    module_name: str
-    build: Callable[[UniterConfig, int, Dict[str, Any]], nn.Module]
-    kl_reduction: str
-    forward: Callable[[nn.Module, UniterModel, torch.Tensor, Any], torch.Tensor] = pooled_head_forward
-    uses_pooler: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kl_reduction not in KL_REDUCTIONS:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kl_reduction and cls.kl_reduction not in KL_REDUCTIONS:
             raise ValueError(
-                f'Head "{self.name}": kl_reduction must be one of {sorted(KL_REDUCTIONS)}, got "{self.kl_reduction}"'
+                f"{cls.__name__}.kl_reduction must be one of {sorted(KL_REDUCTIONS)}, got {cls.kl_reduction!r}"
             )
 
+    def __init__(self, dims: TrunkDims, num_labels: int, head_config: Dict[str, Any]):
+        super().__init__()
 
-HEADS: Dict[str, HeadSpec] = {}
-
-
-def register_head(spec: HeadSpec, override: bool = False) -> HeadSpec:
-    """Add a head under ``spec.name``; a second registration of a name needs ``override=True``."""
-    if spec.name in HEADS and HEADS[spec.name] is not spec and not override:
-        raise ValueError(f'Head "{spec.name}" is already registered; pass override=True to replace it.')
-    HEADS[spec.name] = spec
-    return spec
+    def forward(self, trunk: TrunkOutput, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
-def get_head(name: str) -> HeadSpec:
-    """The registered head called ``name`` (ConfigError listing the known heads otherwise)."""
-    if name not in HEADS:
-        raise ConfigError(
-            f'Unknown head "{name}" (model_config.<model>.head).{suggest(name, HEADS)} Known heads: {sorted(HEADS)}.'
-        )
-    return HEADS[name]
+def get_head_class(name: str) -> type:
+    """The registered head class ``name``; a ConfigError naming the key and the known heads otherwise."""
+    try:
+        head_cls = registry.get_head_class(name)
+    except RegistryError as err:
+        raise ConfigError(f"model_config.<model>.head: {err}") from err
+    if not (isinstance(head_cls, type) and issubclass(head_cls, TaskHead)):
+        raise ConfigError(f'Head "{name}" is registered as {head_cls!r}, which is no TaskHead subclass.')
+    return head_cls
 
 
-def build_head_module(spec: HeadSpec, config: UniterConfig, num_labels: int, head_config: Dict[str, Any]) -> nn.Module:
-    """Build the head's module and apply the UNITER init (N(0, range), bias 0, LayerNorm 1/0)."""
-    module = spec.build(config, num_labels, head_config)
-    module.apply(lambda m: init_uniter_weights(m, config.initializer_range))
-    return module
+def build_head(head_cls: type, dims: TrunkDims, num_labels: int, head_config: Dict[str, Any],
+               init_weights) -> TaskHead:
+    """Build ``head_cls`` and apply ``init_weights(module, initializer_range)`` to every submodule."""
+    head = head_cls(dims, num_labels, head_config)
+    head.apply(lambda m: init_weights(m, dims.initializer_range))
+    return head
 
 
-# ----------------------------------------------------------------------------------------------
-# VQA: vqa_output = Seq(Linear(H, 2H), GELU, LayerNorm(2H), Linear(2H, num_answers)) on the pooler
-# ----------------------------------------------------------------------------------------------
-def build_vqa_output(config: UniterConfig, num_labels: int, head_config: Dict[str, Any]) -> nn.Module:
-    hidden = config.hidden_size
-    return nn.Sequential(
-        nn.Linear(hidden, hidden * 2),
-        nn.GELU(),  # erf form, as the reference's GELU
-        nn.LayerNorm(hidden * 2, eps=config.layer_norm_eps),
-        nn.Linear(hidden * 2, num_labels),
-    )
-
-
-VQA_HEAD = register_head(
-    HeadSpec(name="vqa", module_name="vqa_output", build=build_vqa_output, kl_reduction="mean_times_classes")
-)
+__all__ = ["TaskHead", "get_head_class", "build_head"]

@@ -10,23 +10,24 @@ Model config (``model_config.<name>``, see ``configs/models/<name>/defaults.yaml
   ``{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}``;
 - ``dropout``: p of every dropout in the trunk (the reference's ``set_dropout``; ``null`` keeps the
   JSON's ``hidden_dropout_prob`` / ``attention_probs_dropout_prob``); it wins over ``architecture``;
-- ``head`` (``vqa``; see :mod:`villa_plugin.models.heads`) and ``num_labels`` (3129 for VQA);
+- ``head`` (a registered head, ``vqa`` by default; see :mod:`villa_plugin.models.heads`) and
+  ``num_labels`` (3129 for VQA);
 - ``pretrained_checkpoint``: official ``.pt`` / MMF / ``.safetensors`` file loaded in ``build()``;
 - ``losses``; ``adversarial`` (read by the ``villa_free_at`` trainer, not by the model).
 
-Embedding growth (NLVR2, VCR; uniter-architecture.md §3, §5): a head may register an
+Embedding growth (NLVR2, VCR; uniter-architecture.md §3, §5): a head class may declare an
 :class:`EmbeddingGrowth` (more type-embedding rows, extra vocabulary rows). ``build()`` decides the
 order from the checkpoint's shapes: a pretrained ``uniter-*`` / ``villa-*`` file (2 type rows,
 28996 words) loads *before* the growth; a fine-tuned or 2nd-stage file that already has the grown
 shapes loads *after* it (as does a file without embeddings, e.g. head weights only).
 
-Flat heads: a head module with ``flat_state_dict_keys = True`` (NLVR2 paired-attn) has its children
-registered on the model under their own names, so its state-dict keys are the official top-level
-ones (``attn1.*``, ``fc.*``, ``attn_pool.*``, ``nlvr2_output.*``).
+The head: its children are registered on the model under their own names, so its state-dict keys
+are the official top-level ones (``vqa_output.*``, ``attn1.*``, ``rank_output.*``); ``model.head``
+is the head object. Its forward receives a :class:`TrunkOutput` (sequence, pooled, layout and an
+encoder for heads that score rows of their own), never the trunk module.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Dict, Mapping, Optional
 
@@ -35,7 +36,6 @@ import torch
 from villa_plugin.common.errors import CheckpointError, ConfigError
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.models.base_model import BaseModel
-from villa_plugin.models import heads_nlvr2, heads_refcoco, heads_retrieval, heads_vcr, heads_ve  # noqa: F401  (register the task heads)
 from villa_plugin.backbones.uniter.checkpoint_keys import (
     LoadReport,
     load_uniter_checkpoint,
@@ -43,8 +43,15 @@ from villa_plugin.backbones.uniter.checkpoint_keys import (
     read_checkpoint_file,
     unwrap_state_dict,
 )
-from villa_plugin.models.heads import HeadSpec, build_head_module, get_head
-from villa_plugin.backbones.uniter.model import UniterConfig, UniterModel, grow_type_embeddings, grow_word_embeddings
+from villa_plugin.models.heads import TaskHead, build_head, get_head_class
+from villa_plugin.models.trunk import EmbeddingGrowth, TokenLayout, TrunkDims, TrunkOutput, eval_mode
+from villa_plugin.backbones.uniter.model import (
+    UniterConfig,
+    UniterModel,
+    grow_type_embeddings,
+    grow_word_embeddings,
+    init_uniter_weights,
+)
 from villa_plugin.backbones.uniter.perturbation import uniter_perturbation_masks
 from villa_plugin.optim import build_param_groups
 from villa_plugin.registry import registry
@@ -52,40 +59,6 @@ from villa_plugin.registry import registry
 PERTURBATION_KEYS = ("text", "image")
 TYPE_KEY = "uniter.embeddings.token_type_embeddings.weight"
 WORD_KEY = "uniter.embeddings.word_embeddings.weight"
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbeddingGrowth:
-    """How a head grows the trunk's embeddings: ``type_rows`` rows in the type table (0: keep), new
-    row r := old row ``type_copy_from[r]``; ``extra_words`` rows appended to the vocabulary."""
-
-    type_rows: int = 0
-    type_copy_from: Mapping[int, int] = dataclasses.field(default_factory=dict)
-    extra_words: int = 0
-
-
-EMBEDDING_GROWTH: Dict[str, EmbeddingGrowth] = {}
-
-
-def register_embedding_growth(head_name: str, growth: EmbeddingGrowth, override: bool = False) -> EmbeddingGrowth:
-    """Declare that models with head ``head_name`` grow their embeddings by ``growth``."""
-    if head_name in EMBEDDING_GROWTH and EMBEDDING_GROWTH[head_name] != growth and not override:
-        raise ValueError(f'Head "{head_name}" already has an embedding growth; pass override=True to replace it.')
-    EMBEDDING_GROWTH[head_name] = growth
-    return growth
-
-
-register_embedding_growth(
-    "nlvr2_paired_attn", EmbeddingGrowth(type_rows=heads_nlvr2.NLVR2_TYPE_ROWS, type_copy_from=heads_nlvr2.NLVR2_TYPE_COPY)
-)
-register_embedding_growth(
-    "vcr",
-    EmbeddingGrowth(
-        type_rows=heads_vcr.VCR_TYPE_ROWS,
-        type_copy_from=heads_vcr.VCR_TYPE_COPY,
-        extra_words=heads_vcr.VCR_NUM_SPECIAL_TOKENS,
-    ),
-)
 
 
 def apply_embedding_growth(model: torch.nn.Module, growth: EmbeddingGrowth) -> None:
@@ -143,22 +116,20 @@ class UNITER(BaseModel):
         # not wait for a gradient that fine-tuning never produces (HF AdamW skips it either way).
         self.uniter.img_embeddings.mask_embedding.weight.requires_grad_(False)
 
-        self.head_spec: HeadSpec = get_head(str(cfg.get("head", "vqa")))
-        if not self.head_spec.uses_pooler:  # same reason as mask_embedding above
+        self.head_name = str(cfg.get("head", "vqa"))
+        head_cls = get_head_class(self.head_name)
+        if not head_cls.uses_pooler:  # same reason as mask_embedding above
             self.uniter.pooler.requires_grad_(False)
         num_labels = cfg.get("num_labels", 3129)
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ConfigError(f"{self._key('num_labels')} must be a positive integer, got {num_labels!r}.")
-        self.head_module_name = self.head_spec.module_name
-        head = build_head_module(self.head_spec, self.uniter_config, num_labels, cfg)
-        if getattr(head, "flat_state_dict_keys", False):
-            for child_name, child in head.named_children():
-                self.add_module(child_name, child)
-            object.__setattr__(self, self.head_module_name, head)  # a view for forward, not a submodule
-        else:
-            self.add_module(self.head_module_name, head)
-        self.kl_reduction = self.head_spec.kl_reduction
-        self.embedding_growth: Optional[EmbeddingGrowth] = EMBEDDING_GROWTH.get(self.head_spec.name)
+        head = build_head(head_cls, TrunkDims.of(self.uniter_config), num_labels, cfg, init_uniter_weights)
+        for child_name, child in head.named_children():  # official top-level key names
+            self.add_module(child_name, child)
+        object.__setattr__(self, "_head", head)  # a view for forward, not a submodule
+        self.head_module_name = head_cls.module_name
+        self.kl_reduction = head_cls.kl_reduction
+        self.embedding_growth: Optional[EmbeddingGrowth] = head_cls.embedding_growth
 
         checkpoint = cfg.get("pretrained_checkpoint") or ""
         if not checkpoint:
@@ -207,7 +178,7 @@ class UNITER(BaseModel):
                 verdicts.add(False)
             else:
                 raise CheckpointError(
-                    f"Checkpoint {source}: {what} = {found}, but head \"{self.head_spec.name}\" expects {before} "
+                    f"Checkpoint {source}: {what} = {found}, but head \"{self.head_name}\" expects {before} "
                     f"(a pretrained uniter-*/villa-* file, loaded before the embedding growth) or {after} (a "
                     f"fine-tuned / 2nd-stage file, loaded after it). Check {self._key('uniter_config')} and "
                     f"{self._key('architecture')} (vocab_size / type_vocab_size give the pre-growth sizes)."
@@ -215,13 +186,13 @@ class UNITER(BaseModel):
         if len(verdicts) > 1:
             raise CheckpointError(
                 f"Checkpoint {source} mixes grown and pretrained embedding shapes ({checks}); it fits neither "
-                f"loading order of head \"{self.head_spec.name}\"."
+                f"loading order of head \"{self.head_name}\"."
             )
         return verdicts != {False}
 
     @property
-    def head(self) -> torch.nn.Module:
-        return getattr(self, self.head_module_name)
+    def head(self) -> TaskHead:
+        return self.__dict__["_head"]
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, sample_list, perturbation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -241,8 +212,9 @@ class UNITER(BaseModel):
             txt_delta=txt_delta,
             img_delta=img_delta,
         )
-        scores = self.head_spec.forward(self.head, self.uniter, sequence_output, sample_list)
-        return {"scores": scores}
+        pooled = self.uniter.pooler(sequence_output) if self.head.uses_pooler else None
+        trunk = TrunkOutput(sequence_output, pooled, uniter_layout(sample_list), UniterEncoder(self.uniter))
+        return {"scores": self.head(trunk, sample_list)}
 
     def perturbation_shapes(self, sample_list) -> Dict[str, tuple]:
         """``{"text": (B, Lt, H), "image": (B, Nb, 2048)}`` for this batch."""
@@ -279,6 +251,34 @@ class UNITER(BaseModel):
         return build_param_groups(self, optimizer_config)
 
 
+def uniter_layout(batch: Mapping[str, Any]) -> TokenLayout:
+    """Where text and regions sit in UNITER's sequence output for ``batch`` (UNITER field names)."""
+    return TokenLayout(
+        attn_masks=batch["attn_masks"], text_width=int(batch["input_ids"].size(1)),
+        image_width=int(batch["img_feat"].size(1)), packed=batch.get("gather_index") is not None,
+        txt_lens=batch.get("txt_lens"), num_bbs=batch.get("num_bbs"),
+    )
+
+
+class UniterEncoder:
+    """The :class:`~villa_plugin.models.trunk.TrunkEncoder` of a UNITER trunk (for heads that score
+    rows of their own, e.g. retrieval's hard negatives)."""
+
+    def __init__(self, uniter: UniterModel):
+        self._uniter = uniter
+
+    def encode(self, rows: Mapping[str, torch.Tensor]) -> TrunkOutput:
+        sequence = self._uniter(rows["input_ids"], rows["position_ids"], rows["img_feat"], rows["img_pos_feat"],
+                                rows["attn_masks"], rows.get("gather_index"), output_all_encoded_layers=False)
+        return TrunkOutput(sequence, self._uniter.pooler(sequence), uniter_layout(rows), self)
+
+    def evaluating(self):
+        return eval_mode(self._uniter)
+
+    def version(self) -> int:
+        return int(self._uniter.pooler.dense.weight._version)
+
+
 @registry.register_model("villa")
 class VILLA(UNITER):
     """UNITER with VILLA's adversarial defaults (``configs/models/villa/defaults.yaml``)."""
@@ -286,4 +286,4 @@ class VILLA(UNITER):
     model_name = "villa"
 
 
-__all__ = ["UNITER", "VILLA", "EmbeddingGrowth", "EMBEDDING_GROWTH", "register_embedding_growth", "apply_embedding_growth"]
+__all__ = ["UNITER", "VILLA", "EmbeddingGrowth", "UniterEncoder", "apply_embedding_growth", "uniter_layout"]
