@@ -47,6 +47,6 @@ setup(
         "test": ["pytest>=7.4", "fairscale==0.4.13"],
     },
     entry_points={
-        "console_scripts": ["mmf_run = villa_plugin.cli:run"],
+        "console_scripts": ["mmf_run = villa_plugin.cli:run", "mmf_extract = villa_plugin.features.cli:run"],
     },
 )
