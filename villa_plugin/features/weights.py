@@ -76,7 +76,8 @@ def strip_prefixes(state: Dict[str, torch.Tensor], prefixes=("module.",)) -> Dic
 def load_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], path: str, what: str,
                 where_from: str, ignore=()) -> None:
     """``module.load_state_dict(state)`` whose mismatch error names the file, the keys and the source."""
-    state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore)}
+    state = {k: v for k, v in state.items()
+             if not k.endswith("num_batches_tracked") and not any(k.startswith(p) for p in ignore)}
     own = module.state_dict()
     missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in own)
