@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "nothing is downloaded) or 'random'")
     model.add_argument("--option", action="append", type=parse_option, metavar="KEY=VALUE",
                        help="a backend option, e.g. min_size=600 or grid_size=10; repeatable")
+    model.add_argument("--seed", type=int, help=f"seed of --weights random [default: {d['seed']}]")
     model.add_argument("--device", help=f"auto (CUDA when present), cpu, cuda, cuda:N [default: {d['device']}]")
     model.add_argument("--batch_size", type=int, help=f"images per batch (one commit each) [default: {d['batch_size']}]")
     model.add_argument("--num_workers", type=int, help=f"DataLoader decoding workers [default: {d['num_workers']}]")

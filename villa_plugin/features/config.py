@@ -31,7 +31,8 @@ DEFAULTS: Dict[str, Any] = {
     "max_side": 2000,          # larger images are downscaled before the backend
     "report": None,            # default <output>/extract_report.json
     "log_interval": 30.0,      # seconds between progress lines when stderr is not a terminal
-    "sync_seconds": 60.0,      # how often __keys__ / the nbb side file are rewritten during the run
+    "sync_seconds": 60.0,
+    "seed": 0,                 # seeds --weights random      # how often __keys__ / the nbb side file are rewritten during the run
 }
 FORMATS = ("img_db", "tsv", "both")
 

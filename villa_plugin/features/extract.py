@@ -78,6 +78,7 @@ def run_extraction(s: Dict[str, Any]) -> Dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+    torch.manual_seed(s["seed"])  # random weights are reproducible too
     backend = build_backend(s["backend"], s["backend_options"], s["weights"]).to(device)
     if not backend.has_vg_classes:
         logger.warning("backend %s has no Visual Genome classifier: soft_labels hold background only and TSV "
