@@ -150,3 +150,29 @@ def test_help_documents_the_flags(capsys):
     for flag in ("--images", "--output", "--backend", "--weights", "--format", "--conf_th", "--min_bb", "--max_bb",
                  "--batch_size", "--num_workers", "--device", "--key_format", "--config", "butd_r101"):
         assert flag in text
+
+
+def test_a_backend_failure_on_one_image_skips_only_that_image(tmp_path, monkeypatch):
+    from villa_plugin.features import extract
+
+    src = _images(tmp_path / "imgs", 3)
+    Image.new("RGB", (40, 30), "white").save(src / "poison.png")
+    real_build = extract.build_backend
+
+    def build(name, options, weights):
+        backend = real_build(name, options, weights)
+        inner = backend.extract
+
+        def failing(inputs):
+            if any(float(x.mean()) > 2.0 for x in inputs):  # the white image, normalised
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return inner(inputs)
+
+        backend.extract = failing
+        return backend
+
+    monkeypatch.setattr(extract, "build_backend", build)
+    assert cli.main(["--images", str(src), "--output", str(tmp_path / "db"), "--batch_size", "4", *GRID]) == 0
+    report = json.loads((tmp_path / "db" / "extract_report.json").read_text())
+    assert report["extracted"] == 3 and report["counts"] == {"skipped:backend-error": 1}
+    assert "out of memory" in report["skipped"][str(src / "poison.png")]

@@ -66,6 +66,26 @@ class Progress:
             self.bar.close()
 
 
+def extract_batch(backend, samples: List[dict], report: Dict[str, Any], counts: Counter):
+    """The backend on a batch; if it fails (e.g. out of memory on one huge image), image by image,
+    skipping (and reporting) the ones that still fail."""
+    if not samples:
+        return [], []
+    try:
+        return samples, [r.cpu() for r in backend.extract([s["input"] for s in samples])]
+    except (RuntimeError, ValueError) as err:
+        logger.warning("backend failed on a batch (%s); retrying its images one by one", err)
+    good, regions = [], []
+    for sample in samples:
+        try:
+            regions.append(backend.extract([sample["input"]])[0].cpu())
+            good.append(sample)
+        except (RuntimeError, ValueError) as err:
+            report["skipped"][sample["path"]] = f"backend-error: {err}"
+            counts["skipped:backend-error"] += 1
+    return good, regions
+
+
 def run_extraction(s: Dict[str, Any]) -> Dict[str, Any]:
     """Extract every image of ``s["images"]`` not yet in the outputs; returns (and writes) the report."""
     items = make_items(s["images"], s["key_format"])
@@ -105,8 +125,8 @@ def run_extraction(s: Dict[str, Any]) -> Dict[str, Any]:
                 if sample["conversions"]:
                     report["converted"][sample["path"]] = sample["conversions"]
                 good.append(sample)
+            good, regions = extract_batch(backend, good, report, counts)
             if good:
-                regions = [r.cpu() for r in backend.extract([g["input"] for g in good])]
                 for name, writer in writers.items():
                     if name == "img_db":
                         writer.add([(g["key"], r) for g, r in zip(good, regions) if g["key"] not in done_in[name]])

@@ -211,6 +211,8 @@ class ButdDetector(nn.Module):
         keep = remove_small_boxes(boxes, 1e-6)
         boxes, scores = boxes[keep], scores[keep]
         keep = nms(boxes, scores, float(self.opts["rpn_nms"]))[: int(self.opts["post_nms_topk"])]
+        if keep.numel() == 0:  # every proposal degenerate: the whole image is the one region
+            return torch.tensor([[0.0, 0.0, image_hw[1], image_hw[0]]], device=feat.device)
         return boxes[keep]
 
     def detect(self, x: torch.Tensor, scale: float):
