@@ -176,3 +176,13 @@ def test_a_backend_failure_on_one_image_skips_only_that_image(tmp_path, monkeypa
     report = json.loads((tmp_path / "db" / "extract_report.json").read_text())
     assert report["extracted"] == 3 and report["counts"] == {"skipped:backend-error": 1}
     assert "out of memory" in report["skipped"][str(src / "poison.png")]
+
+
+def test_a_missing_cuda_device_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    src = _images(tmp_path / "imgs", 1)
+    assert cli.main(["--images", str(src), "--output", str(tmp_path / "db"), *GRID, "--device", "cuda"]) == 1
+    assert "--device cuda: no such CUDA device" in capsys.readouterr().err

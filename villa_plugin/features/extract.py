@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from villa_plugin.common.errors import ConfigError
 from villa_plugin.features.backends import build_backend
 from villa_plugin.features.images import ImageDataset, collate_samples, make_items
 from villa_plugin.features.writers import ImgDbWriter, TsvWriter, _write_json_atomic
@@ -22,9 +23,17 @@ logger = logging.getLogger("villa_plugin.features")
 
 
 def select_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; an explicit CUDA device must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {name!r}: {err}. Use auto, cpu, cuda or cuda:N.") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                          f"use --device cpu or auto.")
+    return device
 
 
 def open_writers(s: Dict[str, Any]) -> Dict[str, Any]:

@@ -129,8 +129,8 @@ def decode_image(path: str, max_pixels: int, max_side: int) -> Decoded:
         return Decoded(None, skip_reason=f"huge: {err}")
     except UnidentifiedImageError:
         return Decoded(None, skip_reason="unreadable: not an image file PIL can identify")
-    except (OSError, SyntaxError, ValueError) as err:
-        text = str(err)
+    except Exception as err:  # any decoder failure: this image is skipped and reported, the run goes on
+        text = str(err) or type(err).__name__
         reason = "truncated" if "truncated" in text.lower() or "broken data stream" in text.lower() else "unreadable"
         return Decoded(None, skip_reason=f"{reason}: {text}")
     # the size boxes refer to: the file's size, turned as the EXIF orientation turns the pixels
@@ -159,7 +159,10 @@ class ImageDataset:
         sample = {"key": item.key, "path": item.path, "conversions": decoded.conversions,
                   "skip_reason": decoded.skip_reason, "original_size": decoded.original_size, "input": None}
         if decoded.image is not None:
-            sample["input"] = self.preprocess(decoded.image)
+            try:
+                sample["input"] = self.preprocess(decoded.image)
+            except Exception as err:  # reported like a decoding failure, never fatal to the run
+                sample["skip_reason"] = f"unreadable: preprocessing failed: {err}"
         return sample
 
 
