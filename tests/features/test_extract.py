@@ -123,7 +123,7 @@ def test_features_do_not_depend_on_the_batch(tmp_path):
         if key != "__keys__":
             x, y = decode_record(one[key]), decode_record(three[key])
             np.testing.assert_allclose(x["features"].astype(np.float32), y["features"].astype(np.float32),
-                                       rtol=2e-3, atol=1e-4)
+                                       rtol=2e-3, atol=1e-4)  # batched convolutions: last-bit differences
 
 
 def test_yaml_settings_and_flags_override_them(tmp_path):
