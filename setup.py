@@ -41,6 +41,8 @@ setup(
         "safetensors>=0.4",
         "tensorboard>=2.14",
         "tqdm>=4.60",
+        "Pillow>=9.0",      # mmf_extract decoding (already a torchvision dependency)
+        "PyYAML>=5.1",      # mmf_extract --config (already an omegaconf dependency)
     ],
     extras_require={
         "distributed": ["fairscale==0.4.13"],
