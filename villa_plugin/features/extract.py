@@ -17,7 +17,7 @@ from tqdm import tqdm
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.features.backends import build_backend
 from villa_plugin.features.images import ImageDataset, collate_samples, make_items
-from villa_plugin.features.writers import ImgDbWriter, TsvWriter, _write_json_atomic
+from villa_plugin.features.writers import ImgDbWriter, TsvWriter, write_json_atomic
 
 logger = logging.getLogger("villa_plugin.features")
 
@@ -95,6 +95,32 @@ def extract_batch(backend, samples: List[dict], report: Dict[str, Any], counts: 
     return good, regions
 
 
+def triage(batch: List[dict], report: Dict[str, Any], counts: Counter) -> List[dict]:
+    """The decodable samples of a batch; skipped and converted ones are counted and listed."""
+    good = []
+    for sample in batch:
+        if sample["skip_reason"]:
+            report["skipped"][sample["path"]] = sample["skip_reason"]
+            counts["skipped:" + sample["skip_reason"].split(":", 1)[0]] += 1
+            continue
+        for note in sample["conversions"]:
+            counts["converted:" + note] += 1
+        if sample["conversions"]:
+            report["converted"][sample["path"]] = sample["conversions"]
+        good.append(sample)
+    return good
+
+
+def write_batch(writers: Dict[str, Any], done_in: Dict[str, set], samples: List[dict], regions: List) -> None:
+    """One commit per output of the batch's regions (skipping keys an output already holds)."""
+    for name, writer in writers.items():
+        if name == "img_db":
+            writer.add([(s["key"], r) for s, r in zip(samples, regions) if s["key"] not in done_in[name]])
+        else:
+            writer.add([(tsv_id(s["key"]), *s["original_size"], r) for s, r in zip(samples, regions)
+                        if tsv_id(s["key"]) not in done_in[name]])
+
+
 def run_extraction(s: Dict[str, Any]) -> Dict[str, Any]:
     """Extract every image of ``s["images"]`` not yet in the outputs; returns (and writes) the report."""
     items = make_items(s["images"], s["key_format"])
@@ -123,26 +149,9 @@ def run_extraction(s: Dict[str, Any]) -> Dict[str, Any]:
     start = time.monotonic()
     try:
         for batch in loader:
-            good = []
-            for sample in batch:
-                if sample["skip_reason"]:
-                    report["skipped"][sample["path"]] = sample["skip_reason"]
-                    counts["skipped:" + sample["skip_reason"].split(":", 1)[0]] += 1
-                    continue
-                for note in sample["conversions"]:
-                    counts["converted:" + note] += 1
-                if sample["conversions"]:
-                    report["converted"][sample["path"]] = sample["conversions"]
-                good.append(sample)
-            good, regions = extract_batch(backend, good, report, counts)
-            if good:
-                for name, writer in writers.items():
-                    if name == "img_db":
-                        writer.add([(g["key"], r) for g, r in zip(good, regions) if g["key"] not in done_in[name]])
-                    else:
-                        writer.add([(tsv_id(g["key"]), *g["original_size"], r) for g, r in zip(good, regions)
-                                    if tsv_id(g["key"]) not in done_in[name]])
-                report["extracted"] += len(good)
+            good, regions = extract_batch(backend, triage(batch, report, counts), report, counts)
+            write_batch(writers, done_in, good, regions)
+            report["extracted"] += len(good)
             progress.update(len(batch))
     finally:
         progress.close()
@@ -152,5 +161,5 @@ def run_extraction(s: Dict[str, Any]) -> Dict[str, Any]:
         report.update(counts=dict(sorted(counts.items())), seconds=round(seconds, 3),
                       images_per_s=round(report["extracted"] / seconds, 3) if seconds > 0 else None,
                       outputs={n: (w.db_path if n == "img_db" else w.path) for n, w in writers.items()})
-        _write_json_atomic(s["report"], report)
+        write_json_atomic(s["report"], report)
     return report

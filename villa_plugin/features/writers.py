@@ -32,7 +32,7 @@ TSV_FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_i
               "num_boxes", "boxes", "features"]
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, sort_keys=isinstance(obj, dict))
@@ -122,7 +122,7 @@ class ImgDbWriter:
     def _write_side_file(self) -> None:
         self._last_sync = time.monotonic()
         if self.json_path:
-            _write_json_atomic(self.json_path, self.name2nbb)
+            write_json_atomic(self.json_path, self.name2nbb)
 
     def close(self) -> None:
         """Write ``__keys__`` and the side file (also for a db that was complete already)."""
