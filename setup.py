@@ -42,12 +42,14 @@ setup(
         "safetensors>=0.4",
         "tensorboard>=2.14",
         "tqdm>=4.60",
+        "Pillow>=9.0",      # mmf_extract decoding (already a torchvision dependency)
+        "PyYAML>=5.1",      # mmf_extract --config (already an omegaconf dependency)
     ],
     extras_require={
         "distributed": ["fairscale==0.4.13"],
         "test": ["pytest>=7.4", "fairscale==0.4.13"],
     },
     entry_points={
-        "console_scripts": ["mmf_run = villa_plugin.cli:run"],
+        "console_scripts": ["mmf_run = villa_plugin.cli:run", "mmf_extract = villa_plugin.features.cli:run"],
     },
 )

@@ -410,3 +410,21 @@ def test_mapping_name_used_as_key_suggests_the_leaf(bundle):
     # MMF silently ignores `trainer=villa`; here it is an error pointing at training.trainer
     with pytest.raises(ConfigError, match='Unknown config key "trainer".*Did you mean "training.trainer"'):
         build_config(["trainer=villa"])
+
+
+def test_yaml_bool_for_a_str_key_keeps_its_text(bundle, h, tmp_path):
+    """``training.progress_bar: false`` (configs/defaults.yaml documents auto | true | false) is accepted."""
+    exp = h.write(tmp_path / "x.yaml", "training: {name: false}\n")
+    assert build_config([f"config={exp}"]).training.name == "false"
+    exp = h.write(tmp_path / "y.yaml", "training: {name: true}\n")
+    assert build_config([f"config={exp}"]).training.name == "true"
+
+
+def test_progress_bar_false_in_an_experiment_file(tmp_path):
+    from villa_plugin.common.logger import progress_bar_enabled
+
+    exp = tmp_path / "x.yaml"
+    exp.write_text("includes: [projects/villa/demo.yaml]\ntraining:\n  progress_bar: false\n")
+    config = build_config([f"config={exp}"])
+    assert config.training.progress_bar == "false"
+    assert not progress_bar_enabled(config.training.progress_bar, True)

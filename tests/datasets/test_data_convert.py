@@ -86,3 +86,12 @@ def test_txt_db_converter_errors(tmp_path, vocab_file):
         build_vqa_txt_db(q, str(tmp_path / "empty_ann.json"), str(tmp_path / "ans2label.json"), vocab_file, str(tmp_path / "x.db"))
     with pytest.raises(DataError, match="missing_q.json"):
         build_vqa_txt_db(str(tmp_path / "missing_q.json"), None, str(tmp_path / "ans2label.json"), vocab_file, str(tmp_path / "y.db"))
+
+
+def test_img_db_help_describes_its_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["img_db", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for words in ("npz_dir", "norm_bb [n, 6]", "x1/W, y1/H, x2/W, y2/H, w/W, h/H", "conf [n, 1]",
+                  "clamp(#(conf > conf_th), min_bb, max_bb)", "fixed --num_bb", "every box"):
+        assert words in text

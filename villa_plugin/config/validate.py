@@ -180,6 +180,10 @@ class Checker:
         if is_interpolation(value) or default is None or is_interpolation(default) or default == "???":
             return value
         expected = _expected_type(default)
+        if isinstance(default, str) and isinstance(value, bool):
+            # YAML reads unquoted true/false as bools; a str key (e.g. progress_bar: auto | true | false)
+            # takes their text, as it does from the command line
+            return "true" if value else "false"
         if not _matches(value, default):
             result.errors.append(
                 f'"{dotted(path)}" {source} must be {expected}{_default_text(default)}, '

@@ -101,15 +101,23 @@ def build_vqa_txt_db(questions_json: str, annotations_json: Optional[str], ans2l
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m villa_plugin.datasets.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    img = sub.add_parser("img_db", help="BUTD .npz directory -> UNITER img_db")
-    img.add_argument("npz_dir")
-    img.add_argument("out_dir")
-    img.add_argument("--conf_th", type=float, default=0.2)
-    img.add_argument("--max_bb", type=int, default=100)
-    img.add_argument("--min_bb", type=int, default=10)
-    img.add_argument("--num_bb", type=int, default=36)
-    img.add_argument("--compress", action="store_true")
-    img.add_argument("--keep_all", action="store_true")
+    img = sub.add_parser(
+        "img_db", help="BUTD .npz directory -> UNITER img_db",
+        description="Write a UNITER img_db (an LMDB named feat_th{conf_th}_max{max_bb}_min{min_bb}, plus the nbb "
+                    "side file) from a folder of per-image .npz files, keyed by file name. Each .npz holds "
+                    "features [n, 2048], norm_bb [n, 6] = x1/W, y1/H, x2/W, y2/H, w/W, h/H, conf [n, 1] and "
+                    "optionally soft_labels [n, 1601], rows sorted by conf descending (docs/own_data.md). "
+                    "Files missing a field are skipped and counted. Images from scratch: mmf_extract.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    img.add_argument("npz_dir", help="folder of per-image .npz files (BUTD's generate_npz.py output or your own)")
+    img.add_argument("out_dir", help="the image db directory to create, e.g. img_db/my_images")
+    img.add_argument("--conf_th", type=float, default=0.2,
+                     help="boxes kept per image: clamp(#(conf > conf_th), min_bb, max_bb); -1 = a fixed --num_bb")
+    img.add_argument("--max_bb", type=int, default=100, help="most boxes per image")
+    img.add_argument("--min_bb", type=int, default=10, help="fewest boxes per image (when it has that many)")
+    img.add_argument("--num_bb", type=int, default=36, help="boxes per image when --conf_th -1 (db feat_numbb{N})")
+    img.add_argument("--compress", action="store_true", help="store np.savez_compressed values (dir suffix _compressed)")
+    img.add_argument("--keep_all", action="store_true", help="store every box (db dir 'all')")
     txt = sub.add_parser("vqa_txt_db", help="VQA v2 JSON -> UNITER txt_db")
     txt.add_argument("questions")
     txt.add_argument("out_dir")
