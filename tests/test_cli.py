@@ -98,8 +98,8 @@ def test_run_builds_saves_logs_and_runs_trainer(tmp_path, capsys):
 
 def test_seed_is_applied_before_the_trainer(tmp_path):
     cli.run(base_args(tmp_path, "training.seed=11"))
-    cli.run(base_args(tmp_path, "training.seed=11"))
-    cli.run(base_args(tmp_path, "training.seed=12"))
+    cli.run(base_args(tmp_path, "training.seed=11", "env.overwrite=true"))
+    cli.run(base_args(tmp_path, "training.seed=12", "env.overwrite=true"))
     draws = [t.random_draw for t in RecordingTrainer.instances]
     assert draws[0] == draws[1] != draws[2]
 
@@ -110,10 +110,11 @@ def test_random_seed_is_logged_and_saved_for_reruns(tmp_path):
     seed = OmegaConf.load(saved).training.seed
     assert seed >= 0 and f"seed: {seed}" in (tmp_path / "run" / "train.log").read_text()
     # rerunning the saved config repeats the run, random seed included
-    assert cli.run([f"config={saved}"]) == 0
+    assert cli.run([f"config={saved}", "env.overwrite=true"]) == 0
     first, second = RecordingTrainer.instances
     assert second.config.training.seed == seed and second.random_draw == first.random_draw
     plain = [OmegaConf.to_container(t.config, resolve=True) for t in (first, second)]
+    assert (plain[0]["env"].pop("overwrite"), plain[1]["env"].pop("overwrite")) == (False, True)
     assert plain[0] == plain[1]
 
 
@@ -199,7 +200,7 @@ def test_distributed_hooks_wrap_the_trainer(tmp_path, monkeypatch):
 
     events.clear()
     RecordingTrainer.raise_in_run = RuntimeError("rank failure")
-    assert cli.run(base_args(tmp_path)) == 2
+    assert cli.run(base_args(tmp_path, "env.overwrite=true")) == 2
     assert events == [f"setup {TRAINER}", "fail_fast enter", "fail_fast saw RuntimeError"]
 
 

@@ -1,0 +1,99 @@
+"""Range checks of config values that have the right type but cannot work (``lr=-1``, one beta,
+``num_workers=-1``, ``max_updates=0``), and of a run that would evaluate or predict with random
+weights. ``mmf_run`` runs them right after composing, before any data is read."""
+from __future__ import annotations
+
+import math
+from typing import Any, List
+
+from omegaconf import DictConfig, OmegaConf
+
+from villa_plugin.common.config_access import config_value
+from villa_plugin.common.errors import ConfigError
+from villa_plugin.config.run_type import parse_run_type
+
+_MISSING = object()
+
+
+def check_values(config: DictConfig) -> None:
+    """Raise one ConfigError listing every out-of-range value (with the key and the fix)."""
+    problems = _training_problems(config) + _optimizer_problems(config) + _weights_problems(config)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _get(config: DictConfig, key: str) -> Any:
+    value = config_value(config, key, _MISSING)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _training_problems(config: DictConfig) -> List[str]:
+    problems = []
+    max_updates, max_epochs = _get(config, "training.max_updates"), _get(config, "training.max_epochs")
+    if _is_number(max_updates) and max_updates <= 0:
+        problems.append(
+            f"training.max_updates={max_updates} must be a positive number of updates (or null with "
+            f"training.max_epochs set)."
+        )
+    if _is_number(max_epochs) and max_epochs <= 0:
+        problems.append(f"training.max_epochs={max_epochs} must be positive (or null).")
+    workers = _get(config, "training.num_workers")
+    if _is_number(workers) and workers < 0:
+        problems.append(
+            f"training.num_workers={workers} must be >= 0 (0 loads data in the main process, N uses N worker "
+            f"processes)."
+        )
+    for key in ("training.checkpoint_interval", "training.evaluation_interval"):
+        value = _get(config, key)
+        if _is_number(value) and value < 0:
+            problems.append(f"{key}={value} must be >= 0 (0 turns it off).")
+    value = _get(config, "training.log_interval")
+    if _is_number(value) and value < 1:
+        problems.append(f"training.log_interval={value} must be >= 1 (updates between log lines).")
+    return problems
+
+
+def _optimizer_problems(config: DictConfig) -> List[str]:
+    problems = []
+    lr = _get(config, "optimizer.params.lr")
+    if _is_number(lr) and (lr < 0 or not math.isfinite(lr)):
+        problems.append(f"optimizer.params.lr={lr} must be a finite number >= 0, e.g. optimizer.params.lr=5e-5.")
+    betas = _get(config, "optimizer.params.betas")
+    if betas is not _MISSING and betas is not None:
+        if not (isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            problems.append(
+                f"optimizer.params.betas={betas} must be two numbers in [0, 1), e.g. "
+                f"optimizer.params.betas=[0.9,0.98]."
+            )
+    eps = _get(config, "optimizer.params.eps")
+    if _is_number(eps) and eps <= 0:
+        problems.append(f"optimizer.params.eps={eps} must be > 0, e.g. 1e-6.")
+    decay = _get(config, "optimizer.params.weight_decay")
+    if _is_number(decay) and decay < 0:
+        problems.append(f"optimizer.params.weight_decay={decay} must be >= 0.")
+    return problems
+
+
+def _weights_problems(config: DictConfig) -> List[str]:
+    """A run that does not train needs weights: a checkpoint to resume or pretrained weights."""
+    if parse_run_type(str(config.run_type)).train or _get(config, "checkpoint.allow_random_weights") is True:
+        return []
+    checkpoint = [
+        _get(config, "checkpoint.resume_file"), _get(config, "checkpoint.resume"), _get(config, "checkpoint.resume_best")
+    ]
+    model = config_value(config, "model", None)
+    pretrained = _get(config, f"model_config.{model}.pretrained_checkpoint") if model else _MISSING
+    if any(v not in (_MISSING, None, "", False) for v in checkpoint + [pretrained]):
+        return []
+    return [
+        f"run_type={config.run_type} does not train, and no weights are configured: it would evaluate / predict "
+        f"with randomly initialised weights. Set checkpoint.resume_file=<save_dir>/best.ckpt (or "
+        f"checkpoint.resume=True with the training run's env.save_dir), or model_config.{model}.pretrained_checkpoint; "
+        f"to really use random weights set checkpoint.allow_random_weights=true."
+    ]
