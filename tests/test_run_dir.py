@@ -118,3 +118,16 @@ def test_file_size_limit_is_a_user_error(tmp_path):
     assert "Traceback" not in done.stderr
     assert f"Cannot write checkpoint {save_dir / 'current.ckpt'}: File too large" in done.stderr
     assert "ulimit -f" in done.stderr
+
+
+def test_resume_uses_the_newest_readable_checkpoint_when_current_is_damaged(tmp_path, capsys):
+    save_dir = tmp_path / "run"
+    assert run(_args(save_dir, "training.max_updates=4")) == 0
+    (save_dir / "current.ckpt").write_bytes(b"PK\x03\x04 half")
+    (save_dir / "models" / "model_4.ckpt").write_bytes(b"")
+    assert run(_args(save_dir, "checkpoint.resume=True", "training.max_updates=6")) == 0
+    out = capsys.readouterr().out
+    assert f"{save_dir / 'current.ckpt'} cannot be used" in out
+    assert f"resuming from {save_dir / 'models' / 'model_2.ckpt'} instead" in out
+    assert f"resumed from {save_dir / 'models' / 'model_2.ckpt'} at update 2" in out
+    assert load_checkpoint(str(save_dir / "current.ckpt"))["counts"]["num_updates"] == 6

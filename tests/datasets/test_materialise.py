@@ -66,3 +66,19 @@ def test_cache_dir_under_a_regular_file_is_a_data_error(tmp_path):
     assert type(caught.value).__name__ == "DataError"
     assert f"Cannot create the generated data directory {tmp_path / 'file' / 'demo'}" in str(caught.value)
     assert "env.cache_dir" in str(caught.value)
+
+
+def test_half_copied_vqa_demo_img_db_is_rebuilt(tmp_path, monkeypatch, caplog):
+    from villa_plugin.datasets import demo
+    from villa_plugin.datasets.features import ImgFeatDB
+
+    monkeypatch.setattr(demo, "SPLITS", {"train": 80, "val": 16, "test": 16})
+    paths = demo.materialise_demo(str(tmp_path / "vqa_v1"))
+    img_dir = paths["splits"]["train"]["img_db"]
+    data = os.path.join(img_dir, "feat_th0.2_max100_min10_compressed", "data.mdb")
+    os.truncate(data, os.path.getsize(data) // 2)
+    with caplog.at_level(logging.WARNING, logger="villa_plugin.datasets.materialise"):
+        assert demo.materialise_demo(str(tmp_path / "vqa_v1")) == paths
+    assert "img_db/demo_train/feat_th0.2_max100_min10_compressed/data.mdb has" in caplog.text
+    db = ImgFeatDB(img_dir, conf_th=0.2, max_bb=100, min_bb=10, compressed=True)
+    assert all(db[key][0].shape[1] == 2048 for key in db.keys())
