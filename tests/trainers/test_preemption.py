@@ -91,6 +91,22 @@ def test_sigterm_at_a_random_moment_then_resume_is_bit_identical(tmp_path, capsy
     _assert_same_training_state(tmp_path / "straight" / "current.ckpt", save_dir / "current.ckpt")
 
 
+def test_sigterm_to_the_whole_process_group_with_dataloader_workers(tmp_path):
+    """SLURM signals every process of a task: the DataLoader workers must not die of it."""
+    save_dir = tmp_path / "workers"
+    command = [sys.executable, "-m", "villa_plugin.cli",
+               *_args(save_dir, "training.num_workers=2", "training.persistent_workers=true", sleep=0.02, total=100)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                               start_new_session=True)
+    before = _wait_for(process, "training from update 0")
+    time.sleep(random.uniform(0.3, 1.0))
+    os.killpg(process.pid, signal.SIGTERM)
+    output = "".join(before) + process.communicate(timeout=120)[0]
+    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
+    stopped_at = load_checkpoint(str(save_dir / "current.ckpt"))["counts"]["num_updates"]
+    assert 0 < stopped_at < 100 and "DataLoader worker" not in output, output[-3000:]
+
+
 def test_stop_signals_set_a_flag_and_restore_the_handlers():
     previous = signal.getsignal(signal.SIGUSR1)
     with StopSignals() as signals:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.datasets.samplers import FixedSizeBatchSampler, TokenBucketBatchSampler
+from villa_plugin.datasets.worker_signals import shield_worker_from_stop_signals
 from villa_plugin.common.config_access import config_value as _get
 
 
@@ -57,6 +58,7 @@ def build_loader(dataset, config: Any, split: str, rank: int = 0, world_size: in
         pin_memory=bool(_get(config, "training.pin_memory", False)),
         persistent_workers=bool(_get(config, "training.persistent_workers", False)) and workers > 0,
         generator=torch.Generator(),
+        worker_init_fn=shield_worker_from_stop_signals if workers > 0 else None,  # preemption: see worker_signals
     )
     set_loader_epoch(loader, epoch, start_batch)
     return loader
