@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from villa_plugin.checkpoint import load_checkpoint
 from villa_plugin.cli import run
@@ -19,18 +18,10 @@ from villa_plugin.cli import run
 TOYS = Path(__file__).resolve().parent / "trainers" / "trainer_toys.py"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _args(save_dir, *extra):
     return [
         "model=test_toy_mlp", "datasets=test_numbers", f"env.user_dir={TOYS}", f"env.save_dir={save_dir}",
-        "run_type=train", "training.device=cpu", "training.tensorboard=false", "training.max_updates=4",
+        "run_type=train", "training.device=cpu", "training.num_threads=1", "training.tensorboard=false", "training.max_updates=4",
         "training.checkpoint_interval=2", "training.evaluation_interval=0", "training.log_interval=2", *extra,
     ]
 

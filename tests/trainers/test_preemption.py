@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer_toys import assert_same_optimizer_state
 from villa_plugin.checkpoint import load_checkpoint
 from villa_plugin.cli import run
 from villa_plugin.trainers.preemption import EXIT_PREEMPTED, StopSignals
@@ -62,10 +63,7 @@ def _assert_same_training_state(a_path, b_path):
     assert a["sampler"] == b["sampler"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for index, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            other = b["optimizer"]["state"][index][name]
-            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+    assert_same_optimizer_state(a, b)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 

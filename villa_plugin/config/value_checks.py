@@ -17,7 +17,7 @@ _MISSING = object()
 
 def check_values(config: DictConfig) -> None:
     """Raise one ConfigError listing every out-of-range value (with the key and the fix)."""
-    problems = _training_problems(config) + _optimizer_problems(config) + _weights_problems(config)
+    problems = _number_problems(config) + _betas_problems(config) + _weights_problems(config)
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
@@ -33,51 +33,39 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _training_problems(config: DictConfig) -> List[str]:
+# (key, test a number must pass, what the message says it must be)
+_NUMBER_RULES = (
+    ("training.max_updates", lambda v: v > 0,
+     "a positive number of updates (or null with training.max_epochs set)"),
+    ("training.max_epochs", lambda v: v > 0, "positive (or null)"),
+    ("training.num_workers", lambda v: v >= 0,
+     ">= 0 (0 loads data in the main process, N uses N worker processes)"),
+    ("training.checkpoint_interval", lambda v: v >= 0, ">= 0 (0 turns it off)"),
+    ("training.evaluation_interval", lambda v: v >= 0, ">= 0 (0 turns it off)"),
+    ("training.log_interval", lambda v: v >= 1, ">= 1 (updates between log lines)"),
+    ("optimizer.params.lr", lambda v: v >= 0 and math.isfinite(v),
+     "a finite number >= 0, e.g. optimizer.params.lr=5e-5"),
+    ("optimizer.params.eps", lambda v: v > 0, "> 0, e.g. 1e-6"),
+    ("optimizer.params.weight_decay", lambda v: v >= 0, ">= 0"),
+)
+
+
+def _number_problems(config: DictConfig) -> List[str]:
     problems = []
-    max_updates, max_epochs = _get(config, "training.max_updates"), _get(config, "training.max_epochs")
-    if _is_number(max_updates) and max_updates <= 0:
-        problems.append(
-            f"training.max_updates={max_updates} must be a positive number of updates (or null with "
-            f"training.max_epochs set)."
-        )
-    if _is_number(max_epochs) and max_epochs <= 0:
-        problems.append(f"training.max_epochs={max_epochs} must be positive (or null).")
-    workers = _get(config, "training.num_workers")
-    if _is_number(workers) and workers < 0:
-        problems.append(
-            f"training.num_workers={workers} must be >= 0 (0 loads data in the main process, N uses N worker "
-            f"processes)."
-        )
-    for key in ("training.checkpoint_interval", "training.evaluation_interval"):
+    for key, ok, must in _NUMBER_RULES:
         value = _get(config, key)
-        if _is_number(value) and value < 0:
-            problems.append(f"{key}={value} must be >= 0 (0 turns it off).")
-    value = _get(config, "training.log_interval")
-    if _is_number(value) and value < 1:
-        problems.append(f"training.log_interval={value} must be >= 1 (updates between log lines).")
+        if _is_number(value) and not ok(value):
+            problems.append(f"{key}={value} must be {must}.")
     return problems
 
 
-def _optimizer_problems(config: DictConfig) -> List[str]:
-    problems = []
-    lr = _get(config, "optimizer.params.lr")
-    if _is_number(lr) and (lr < 0 or not math.isfinite(lr)):
-        problems.append(f"optimizer.params.lr={lr} must be a finite number >= 0, e.g. optimizer.params.lr=5e-5.")
+def _betas_problems(config: DictConfig) -> List[str]:
     betas = _get(config, "optimizer.params.betas")
-    if betas is not _MISSING and betas is not None:
-        if not (isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
-            problems.append(
-                f"optimizer.params.betas={betas} must be two numbers in [0, 1), e.g. "
-                f"optimizer.params.betas=[0.9,0.98]."
-            )
-    eps = _get(config, "optimizer.params.eps")
-    if _is_number(eps) and eps <= 0:
-        problems.append(f"optimizer.params.eps={eps} must be > 0, e.g. 1e-6.")
-    decay = _get(config, "optimizer.params.weight_decay")
-    if _is_number(decay) and decay < 0:
-        problems.append(f"optimizer.params.weight_decay={decay} must be >= 0.")
-    return problems
+    if betas is _MISSING or betas is None:
+        return []
+    if isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas):
+        return []
+    return [f"optimizer.params.betas={betas} must be two numbers in [0, 1), e.g. optimizer.params.betas=[0.9,0.98]."]
 
 
 def _weights_problems(config: DictConfig) -> List[str]:
