@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 from omegaconf import DictConfig
 
 from villa_plugin.common.device import select_device, set_seed
-from villa_plugin.common.errors import ConfigError, UserError
+from villa_plugin.common.errors import ConfigError, UserError, one_paragraph
 from villa_plugin.config.compose import build_config
 from villa_plugin.config.value_checks import check_values
 from villa_plugin.registry import RegistryError, registry
@@ -61,7 +61,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         _run(argv, handlers)
         return 0
     except (UserError, RegistryError) as err:
-        print(f"{PROG}: error: {_paragraph(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_paragraph(err)}", file=sys.stderr)
         return 1
     except Preempted as stop:
         if _rank() == 0:
@@ -184,42 +184,15 @@ def _remove_handlers(handlers: List[logging.Handler]) -> None:
         handler.close()
 
 
-def _paragraph(err: BaseException) -> str:
-    """The error's message without blank lines (one paragraph); KeyError-style quotes removed. An
-    error re-raised from a DataLoader worker is reduced to its own message."""
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    text = _worker_error_message(err, text)
-    lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
-    return "\n".join(lines) or type(err).__name__
-
-
-_WORKER_HEADER = re.compile(r"^Caught \w+ in DataLoader worker process (\d+)\.")
-
-
-def _worker_error_message(err: BaseException, text: str) -> str:
-    """torch re-raises a worker's exception with the worker's whole traceback as its message; keep
-    the original message (after the last ``<module>.<Type>: ``) and name the worker."""
-    header = _WORKER_HEADER.match(text)
-    if header is None:
-        return text
-    cls = type(err)
-    for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
-        at = text.rfind("\n" + prefix)
-        if at >= 0:
-            message = text[at + 1 + len(prefix):]
-            return f"{message.strip()} (raised in DataLoader worker process {header.group(1)})"
-    return text
-
-
 def _os_error_paragraph(err: OSError) -> str:
-    """A file-system error the user can fix: the file, the system's reason and what to do."""
-    where = f" {err.filename}" if err.filename else ""
+    """A file-system error the user can fix: the system's reason, the file and what to do."""
+    where = f": {err.filename}" if err.filename else ""
     hint = {
         errno.EFBIG: "the file-size limit of this process (ulimit -f) was reached: raise it",
         errno.ENOSPC: "the disk is full: free space or write to another filesystem (env.save_dir, env.cache_dir)",
         errno.EDQUOT: "the disk quota is used up: free space or write elsewhere (env.save_dir, env.cache_dir)",
     }.get(err.errno, "check env.save_dir / env.cache_dir and the permissions of that path")
-    return f"Cannot write{where}: {err.strerror or err}; {hint}."
+    return f"{err.strerror or err}{where}; {hint}."
 
 
 if __name__ == "__main__":
