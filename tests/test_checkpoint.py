@@ -57,7 +57,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"Cannot write checkpoint .*current\.ckpt: disk full"):
         ckpt.save_checkpoint(path, _state(1.5))
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(ckpt.load_checkpoint(path)["model"]["0.weight"], torch.full((4, 3), 0.5))
@@ -131,3 +131,40 @@ def test_rng_state_round_trip_through_a_safe_load(tmp_path):
     ckpt.set_rng_state(ckpt.load_checkpoint(path)["rng"])
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(1), expected[2])
+
+
+def test_kept_checkpoints_are_independent_copies(tmp_path):
+    files = ckpt.CheckpointFiles(str(tmp_path), max_to_keep=3)
+    files.save(_state(1.0), 1, keep=True, best=True)
+    current, newest, best = os.stat(files.current), os.stat(files.model_file(1)), os.stat(files.best)
+    assert current.st_nlink == newest.st_nlink == best.st_nlink == 1
+    assert len({current.st_ino, newest.st_ino, best.st_ino}) == 3
+    with open(files.current, "r+b") as handle:  # damage to current.ckpt leaves its backups whole
+        handle.truncate(100)
+    assert torch.equal(ckpt.load_checkpoint(files.model_file(1))["model"]["0.bias"], torch.full((4,), 1.0))
+    assert torch.equal(ckpt.load_checkpoint(files.best)["model"]["0.bias"], torch.full((4,), 1.0))
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint_and_says_so(tmp_path, caplog):
+    files = ckpt.CheckpointFiles(str(tmp_path), max_to_keep=3)
+    for update in (2, 4, 6):
+        files.save(_state(float(update)), update, keep=True)
+    with open(files.current, "wb") as handle:
+        handle.write(b"PK\x03\x04 half a checkpoint")
+    with open(files.model_file(6), "wb") as handle:
+        handle.write(b"")
+    with caplog.at_level("WARNING", logger="villa_plugin.checkpoint"):
+        state, path = files.load_latest()
+    assert path == files.model_file(4) and torch.equal(state["model"]["0.bias"], torch.full((4,), 4.0))
+    assert f"{files.current} cannot be used" in caplog.text and f"resuming from {files.model_file(4)}" in caplog.text
+    assert f"also unreadable: {files.model_file(6)}" in caplog.text
+
+
+def test_resume_with_no_readable_checkpoint_names_them_all(tmp_path):
+    files = ckpt.CheckpointFiles(str(tmp_path), max_to_keep=3)
+    files.save(_state(1.0), 1, keep=True)
+    for path in (files.current, files.model_file(1)):
+        with open(path, "wb") as handle:
+            handle.write(b"junk")
+    with pytest.raises(CheckpointError, match=r"Cannot read checkpoint .*current\.ckpt.*No readable fallback.*model_1\.ckpt"):
+        files.load_latest()

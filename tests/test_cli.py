@@ -99,8 +99,8 @@ def test_run_builds_saves_logs_and_runs_trainer(tmp_path, capsys):
 
 def test_seed_is_applied_before_the_trainer(tmp_path):
     cli.run(base_args(tmp_path, "training.seed=11"))
-    cli.run(base_args(tmp_path, "training.seed=11"))
-    cli.run(base_args(tmp_path, "training.seed=12"))
+    cli.run(base_args(tmp_path, "training.seed=11", "env.overwrite=true"))
+    cli.run(base_args(tmp_path, "training.seed=12", "env.overwrite=true"))
     draws = [t.random_draw for t in RecordingTrainer.instances]
     assert draws[0] == draws[1] != draws[2]
 
@@ -111,10 +111,11 @@ def test_random_seed_is_logged_and_saved_for_reruns(tmp_path):
     seed = OmegaConf.load(saved).training.seed
     assert seed >= 0 and f"seed: {seed}" in (tmp_path / "run" / "train.log").read_text()
     # rerunning the saved config repeats the run, random seed included
-    assert cli.run([f"config={saved}"]) == 0
+    assert cli.run([f"config={saved}", "env.overwrite=true"]) == 0
     first, second = RecordingTrainer.instances
     assert second.config.training.seed == seed and second.random_draw == first.random_draw
     plain = [OmegaConf.to_container(t.config, resolve=True) for t in (first, second)]
+    assert (plain[0]["env"].pop("overwrite"), plain[1]["env"].pop("overwrite")) == (False, True)
     assert plain[0] == plain[1]
 
 
@@ -200,7 +201,7 @@ def test_distributed_hooks_wrap_the_trainer(tmp_path, monkeypatch):
 
     events.clear()
     RecordingTrainer.raise_in_run = RuntimeError("rank failure")
-    assert cli.run(base_args(tmp_path)) == 2
+    assert cli.run(base_args(tmp_path, "env.overwrite=true")) == 2
     assert events == [f"setup {TRAINER}", "fail_fast enter", "fail_fast saw RuntimeError"]
 
 
@@ -223,3 +224,57 @@ def test_logging_handlers_are_removed_after_run(tmp_path):
     cli.run(base_args(tmp_path))
     cli.run(base_args(tmp_path, "training.max_udpates=1"))
     assert logging.getLogger().handlers == before
+
+
+# -- user errors caught before anything runs (docs/faults.md) ------------------------------------
+@pytest.mark.parametrize("override, named", [
+    ("optimizer.params.lr=-1", "optimizer.params.lr=-1 must be a finite number >= 0"),
+    ("optimizer.params.betas=[0.9]", "optimizer.params.betas=[0.9] must be two numbers in [0, 1)"),
+    ("training.num_workers=-1", "training.num_workers=-1 must be >= 0"),
+    ("training.max_updates=0", "training.max_updates=0 must be a positive number of updates"),
+    ("training.max_updates=-5", "training.max_updates=-5 must be a positive number of updates"),
+])
+def test_out_of_range_values_fail_before_the_trainer_exists(tmp_path, capsys, override, named):
+    assert cli.run(base_args(tmp_path, override)) == 1
+    assert named in _one_paragraph_error(capsys)
+    assert RecordingTrainer.instances == []  # nothing built, no data read
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_directory_as_config_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "configs_dir").mkdir()
+    assert cli.run(base_args(tmp_path, "config=configs_dir")) == 1
+    err = _one_paragraph_error(capsys)
+    assert 'Config file "configs_dir" is a directory' in err and "not found" not in err
+
+
+def test_predict_without_weights_needs_allow_random_weights(tmp_path, capsys):
+    assert cli.run(base_args(tmp_path, "run_type=predict")) == 1
+    err = _one_paragraph_error(capsys)
+    assert "run_type=predict does not train, and no weights are configured" in err
+    assert "checkpoint.resume_file" in err and "checkpoint.allow_random_weights=true" in err
+    assert RecordingTrainer.instances == []
+    assert cli.run(base_args(tmp_path, "run_type=predict", "checkpoint.allow_random_weights=true")) == 0
+    assert cli.run(base_args(tmp_path, "run_type=val", "checkpoint.resume_file=x.ckpt")) == 0
+
+
+class _BrokenRecords(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise DataError(f'Corrupt record "img_{index}" in img_db /data/img_db/x: truncated. Copy the db again.')
+
+
+def test_data_error_in_a_dataloader_worker_is_one_short_paragraph(tmp_path, capsys):
+    loader = torch.utils.data.DataLoader(_BrokenRecords(), batch_size=2, num_workers=1)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)  # what torch re-raises: the worker's whole traceback
+    RecordingTrainer.raise_in_run = caught.value
+    assert cli.run(base_args(tmp_path)) == 1
+    err = _one_paragraph_error(capsys)
+    assert err.strip() == (
+        'mmf_run: error: Corrupt record "img_0" in img_db /data/img_db/x: truncated. Copy the db again. '
+        "(raised in DataLoader worker process 0)"
+    )

@@ -1,7 +1,10 @@
 """Atomic checkpoint files and the state they hold.
 
 Files under ``<save_dir>``: ``current.ckpt`` (latest), ``best.ckpt`` (best early-stopping value)
-and ``models/model_<update>.ckpt`` (the last ``checkpoint.max_to_keep``). A checkpoint holds only
+and ``models/model_<update>.ckpt`` (the last ``checkpoint.max_to_keep``). Each is an independent copy
+(never a hard link), so damage to one file never takes its backup with it; ``checkpoint.resume``
+falls back to the newest readable ``models/model_<update>.ckpt`` when ``current.ckpt`` is damaged
+(:meth:`CheckpointFiles.load_latest`). A checkpoint holds only
 tensors and plain Python containers (the config as a YAML string), so
 ``torch.load(path, weights_only=True)`` reads it.
 
@@ -10,12 +13,14 @@ target, so a crash mid-write never damages the previous checkpoint.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import random
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +28,7 @@ from torch import nn
 
 from villa_plugin.common.errors import CheckpointError
 
+logger = logging.getLogger(__name__)
 CURRENT = "current.ckpt"
 BEST = "best.ckpt"
 MODELS_DIR = "models"
@@ -31,44 +37,99 @@ _MODEL_FILE = re.compile(r"^model_(\d+)\.ckpt$")
 
 # -- atomic files ---------------------------------------------------------------------------
 def save_checkpoint(path: str, state: Mapping[str, Any]) -> str:
-    """Write ``state`` to ``path`` atomically (temp file in the same dir, fsync, ``os.replace``)."""
+    """Write ``state`` to ``path`` atomically (temp file in the same dir, fsync, ``os.replace``).
+
+    A failed write (disk full, file-size limit, a file where a directory should be) leaves the
+    previous file as it was and raises CheckpointError naming ``path`` and the fix."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
+            writer = _ErrorRecordingWriter(handle)
+            try:
+                torch.save(dict(state), writer)
+            except RuntimeError:  # torch reports a failed write as a RuntimeError: surface the cause
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None:
+            _remove_quietly(tmp)
+        raise CheckpointError(write_error_message(path, error)) from None
     except BaseException:
-        _remove_quietly(tmp)
+        if tmp is not None:
+            _remove_quietly(tmp)
         raise
     _fsync_dir(directory)
     return path
 
 
 def copy_checkpoint(source: str, target: str) -> str:
-    """Atomically make ``target`` hold the same bytes as ``source`` (a hard link when possible)."""
+    """Atomically make ``target`` an independent copy of ``source`` (copied bytes, fsync'ed; never a
+    hard link, so damage to one file cannot reach the other)."""
     directory = os.path.dirname(os.path.abspath(target))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
-        os.remove(tmp)
-        try:
-            os.link(source, tmp)  # files are only ever replaced, never rewritten: sharing is safe
-        except OSError:
-            with open(source, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-                dst.flush()
-                os.fsync(dst.fileno())
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if os.path.getsize(tmp) != os.path.getsize(source):
+            raise OSError(errno.EIO, f"copy of {source} is incomplete")
         os.replace(tmp, target)
+    except OSError as error:
+        if tmp is not None:
+            _remove_quietly(tmp)
+        raise CheckpointError(write_error_message(target, error)) from None
     except BaseException:
-        _remove_quietly(tmp)
+        if tmp is not None:
+            _remove_quietly(tmp)
         raise
     _fsync_dir(directory)
     return target
+
+
+class _ErrorRecordingWriter:
+    """A file wrapper for ``torch.save`` that keeps the first OSError a write raised."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self):
+        return self.handle.flush()
+
+
+_WRITE_HINTS = {
+    errno.EFBIG: "the file-size limit of this process (ulimit -f) is smaller than the checkpoint: raise it",
+    errno.ENOSPC: "the disk is full: free space or set env.save_dir on another filesystem",
+    errno.EDQUOT: "the disk quota is used up: free space or set env.save_dir elsewhere",
+    errno.EROFS: "the filesystem is read-only: set env.save_dir to a writable directory",
+    errno.EACCES: "permission denied: set env.save_dir to a directory you can write",
+    errno.EEXIST: "a regular file stands where a directory is needed: move it or choose another env.save_dir",
+    errno.ENOTDIR: "a regular file stands where a directory is needed: move it or choose another env.save_dir",
+}
+
+
+def write_error_message(path: str, error: OSError) -> str:
+    """One paragraph for a failed write of ``path``: the system's reason and the fix."""
+    reason = error.strerror or str(error)
+    hint = _WRITE_HINTS.get(error.errno, "check that env.save_dir is writable and has free space")
+    return f"Cannot write checkpoint {path}: {reason}; {hint}. The previous checkpoint files are unchanged."
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -86,6 +147,11 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
             f"a torch checkpoint; checkpoints holding pickled Python objects (e.g. OmegaConf) cannot be loaded "
             f"safely. Use another file (models/model_<update>.ckpt keeps older ones) or start fresh."
         ) from None
+
+
+def _short_reason(error: CheckpointError) -> str:
+    text = str(error)
+    return "not found" if text.startswith("Checkpoint file not found") else text.split(". ")[0].split(": ", 1)[-1]
 
 
 def _remove_quietly(path: str) -> None:
@@ -135,6 +201,42 @@ class CheckpointFiles:
             self.prune()
         if best:
             copy_checkpoint(self.current, self.best)
+
+    def kept_updates(self) -> List[int]:
+        """Update numbers of the ``models/model_<update>.ckpt`` files present, newest first."""
+        directory = os.path.join(self.save_dir, MODELS_DIR)
+        if not os.path.isdir(directory):
+            return []
+        return sorted((int(m.group(1)) for name in os.listdir(directory) if (m := _MODEL_FILE.match(name))), reverse=True)
+
+    def load_latest(self) -> Tuple[Dict[str, Any], str]:
+        """``(state, path)`` of ``current.ckpt``, or, when it is missing or unreadable, of the newest
+        readable ``models/model_<update>.ckpt`` (logged as a warning naming both files). Raises the
+        error of ``current.ckpt`` when no file can be read."""
+        try:
+            return load_checkpoint(self.current), self.current
+        except CheckpointError as error:
+            first_error = error
+        damaged: List[str] = [self.current]
+        for update in self.kept_updates():
+            path = self.model_file(update)
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError:
+                damaged.append(path)
+                continue
+            logger.warning(
+                "checkpoint.resume: %s cannot be used (%s); resuming from %s instead, the newest readable "
+                "checkpoint%s.", self.current, _short_reason(first_error), path,
+                f" (also unreadable: {', '.join(damaged[1:])})" if len(damaged) > 1 else "",
+            )
+            return state, path
+        if len(damaged) > 1:
+            raise CheckpointError(
+                f"{first_error} No readable fallback either: {', '.join(damaged[1:])} are damaged too. Start "
+                f"fresh in a new env.save_dir."
+            ) from None
+        raise first_error
 
     def prune(self) -> None:
         """Delete all but the newest ``max_to_keep`` ``models/model_<update>.ckpt`` (<= 0: keep all)."""

@@ -138,6 +138,14 @@ class Record(Callback):
         self.trainer.recorded["val"].append((self.trainer.num_updates, dict(report)))
 
 
+def assert_same_optimizer_state(a: Dict[str, Any], b: Dict[str, Any]) -> None:
+    """Two checkpoints' optimizer states are equal, tensor by tensor (bit for bit)."""
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            other = b["optimizer"]["state"][index][name]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+
+
 def make_config(save_dir, overrides: Dict[str, Any] = None):
     """defaults.yaml + a small CPU run of the toy model on the numbers dataset + ``overrides``."""
     base = {

@@ -53,6 +53,9 @@ def find_config_file(name: str, search_dirs: Sequence[Tuple[str, Optional[Path]]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
+    directories = [c for c in candidates if c.is_dir()]
+    if directories:
+        raise ConfigError(f'{what} "{name}" is a directory ({directories[0]}), not a YAML file: name a .yaml file in it.')
     looked = ", ".join(str(c) for c in candidates) or "(nowhere)"
     raise ConfigError(f'{what} "{name}" not found (looked at: {looked}).')
 

@@ -8,6 +8,10 @@ Layout of one image db directory (e.g. ``img_db/coco_train2014``)::
 Values are ``msgpack`` dicts in ``msgpack_numpy`` encoding or ``np.savez_compressed`` bytes, with
 ``features [n, 2048]``, ``norm_bb [n, 6]``, ``conf [n, 1]`` (fp16) and optionally ``soft_labels``.
 The special key ``__keys__`` holds a JSON list of all keys. Nothing here ever unpickles.
+
+Every record we write carries an integrity check: npz members their zip CRC-32, msgpack records a
+``__crc32__`` entry over their arrays (names, dtypes, shapes, bytes), verified on every read.
+msgpack records written by other tools (UNITER's own dbs) have none and are read unchecked.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import zipfile
+import zlib
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import msgpack
@@ -28,6 +33,7 @@ from villa_plugin.datasets.lmdb_utils import LazyLmdb, write_lmdb
 logger = logging.getLogger(__name__)
 
 KEYS_KEY = "__keys__"
+CRC_KEY = "__crc32__"  # msgpack records: CRC-32 of their arrays (see arrays_crc32)
 HOW_TO_GET = (
     "Download UNITER's image dbs with its scripts (download_vqa.sh etc. fetch img_db/<name>/), or "
     "build one from BUTD .npz files with villa_plugin.datasets.convert.convert_npz_dir_to_img_db."
@@ -105,23 +111,39 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray], compressed: bool) -> bytes:
     return buf.getvalue()
 
 
+def arrays_crc32(arrays: Mapping[str, np.ndarray]) -> int:
+    """CRC-32 over the arrays' names, dtypes, shapes and bytes (in name order)."""
+    crc = 0
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        crc = zlib.crc32(f"{name}|{arr.dtype.str}|{arr.shape}|".encode("utf-8"), crc)
+        crc = zlib.crc32(arr.reshape(-1).view(np.uint8), crc)
+    return crc
+
+
 def encode_record(record: Mapping[str, np.ndarray], compressed: bool = False) -> bytes:
-    """One img_db value: npz-zip bytes when ``compressed``, else msgpack with msgpack_numpy arrays."""
+    """One img_db value: npz-zip bytes when ``compressed``, else msgpack with msgpack_numpy arrays
+    and a ``__crc32__`` entry."""
     arrays = {k: np.asarray(v) for k, v in record.items()}
     if compressed:
         return _npz_bytes(arrays, compressed=True)
-    return msgpack.packb(arrays, default=_encode_ndarray, use_bin_type=True)
+    return msgpack.packb({**arrays, CRC_KEY: arrays_crc32(arrays)}, default=_encode_ndarray, use_bin_type=True)
 
 
 def decode_record(value: bytes) -> Dict[str, np.ndarray]:
-    """Decode either encoding (sniffed: npz values are zip archives starting with ``PK``)."""
+    """Decode either encoding (sniffed: npz values are zip archives starting with ``PK``); a record
+    whose bytes do not match its CRC raises ValueError."""
     if value[:2] == b"PK":
         with np.load(io.BytesIO(value), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     out = msgpack.unpackb(value, raw=False, object_hook=_safe_ndarray_hook, strict_map_key=False)
     if not isinstance(out, dict):
         raise ValueError(f"expected a dict, got {type(out).__name__}")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in out.items()}
+    arrays = {(k.decode() if isinstance(k, bytes) else k): v for k, v in out.items()}
+    stored = arrays.pop(CRC_KEY, None)
+    if stored is not None and stored != arrays_crc32(arrays):
+        raise ValueError(f"its bytes do not match its {CRC_KEY} checksum (the record is damaged)")
+    return arrays
 
 
 # -- reader --------------------------------------------------------------------------------------
@@ -196,8 +218,8 @@ class ImgFeatDB:
             raise
         except Exception as err:  # any decoding failure means the record is unusable
             raise DataError(
-                f'Corrupt record "{key}" in img_db {self.db_path}: {err}. Re-create the db with '
-                f"villa_plugin.datasets.convert.convert_npz_dir_to_img_db or re-download it."
+                f'Corrupt record "{key}" in img_db {self.db_path}: {err}. Copy the db again from its source, '
+                f"or re-create it with villa_plugin.datasets.convert.convert_npz_dir_to_img_db."
             ) from err
         return rec
 

@@ -37,9 +37,32 @@ def _shared_env(path: str, what: str) -> lmdb.Environment:
         env = lmdb.open(path, readonly=True, lock=False, create=False, readahead=False, subdir=True,
                         max_readers=1024)
     except lmdb.Error as err:
-        raise DataError(f"Cannot open {what} {path}: {err}") from err
+        raise DataError(
+            f"Cannot open {what} {path}: {err}. The data.mdb file there is damaged or not an LMDB; copy "
+            f"it again from its source."
+        ) from err
+    try:
+        check_complete(path, env, what)
+    except DataError:
+        env.close()
+        raise
     _ENVS[real] = (ident, env)
     return env
+
+
+def check_complete(path: str, env: lmdb.Environment, what: str = "LMDB") -> None:
+    """DataError when ``data.mdb`` is shorter than its pages need (a half-copied file): reading
+    past its end would kill the process with SIGBUS. The meta pages say how many pages were
+    written (``last_pgno + 1``, each ``psize`` bytes)."""
+    data = os.path.join(path, "data.mdb")
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    actual = os.path.getsize(data)
+    if actual < needed:
+        raise DataError(
+            f"{what} {data} is truncated: its pages need {needed} bytes but the file holds {actual} "
+            f"({100 * actual // max(needed, 1)}%), e.g. an interrupted copy or download. Copy the whole "
+            f"directory {path} again (or re-create it), then rerun."
+        )
 
 
 class LazyLmdb:
@@ -53,6 +76,7 @@ class LazyLmdb:
             raise DataError(f"{what} not found: {self.path} (no data.mdb there).{hint}")
         self._txn = None
         self._pid: Optional[int] = None
+        _shared_env(self.path, what)  # opened (and its size checked) here, so a bad file fails early
 
     def _open(self):
         if self._txn is None or self._pid != os.getpid():

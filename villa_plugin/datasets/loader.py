@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.datasets.samplers import FixedSizeBatchSampler, TokenBucketBatchSampler
 from villa_plugin.common.config_access import setting
+from villa_plugin.datasets.worker_signals import shield_worker_from_stop_signals
 
 
 def build_batch_sampler(dataset, config: Any, split: str, rank: int = 0, world_size: int = 1, seed: int = 0):
@@ -63,6 +64,7 @@ def build_loader(dataset, config: Any, split: str, rank: int = 0, world_size: in
         pin_memory=bool(setting(config, "training.pin_memory")),
         persistent_workers=bool(setting(config, "training.persistent_workers")) and workers > 0,
         generator=torch.Generator(),
+        worker_init_fn=shield_worker_from_stop_signals if workers > 0 else None,  # preemption: see worker_signals
     )
     set_loader_epoch(loader, epoch, start_batch)
     return loader

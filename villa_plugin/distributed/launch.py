@@ -116,10 +116,10 @@ def teardown() -> None:
 def report_failure(error: BaseException) -> None:
     """Log ``error`` with this process's rank to stderr."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (env_int("RANK", 0), env_int("WORLD_SIZE", 1))
-    from villa_plugin.common.errors import UserError
+    from villa_plugin.common.errors import UserError, one_paragraph
 
     if isinstance(error, UserError):  # the message says what to fix; no traceback
-        detail = f"{type(error).__name__}: {error}\n"
+        detail = f"{type(error).__name__}: {one_paragraph(error)}\n"
     else:
         detail = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     sys.stderr.write(f"[rank {rank}/{world}] failed, ending this process so the run stops on every rank:\n{detail}")

@@ -45,6 +45,7 @@ from villa_plugin.metrics import parse_metric_specs
 from villa_plugin.optim import build_optimizer as optimizer_from_config, build_scheduler
 from villa_plugin.registry import registry
 from villa_plugin.trainers.callbacks import EarlyStoppingCallback, build_callbacks
+from villa_plugin.trainers.preemption import StopSignals, stop_for_signal
 from villa_plugin.trainers.runtime import RunPlan, autocast, cfg, check_precision
 from villa_plugin.trainers.train_streams import DatasetStream, build_source_sampler
 
@@ -79,6 +80,8 @@ class MMFTrainer:
         """Do what ``run_type`` asks; returns the final evaluation values (if any)."""
         plan = RunPlan.parse(self.config.run_type, setting(self.config, "evaluation.predict"))
         self.setup(plan)
+        if getattr(self, "after_setup", None) is not None:  # mmf_run: now write config.yaml, train.log
+            self.after_setup()
         final: Dict[str, float] = {}
         try:
             if plan.train:
@@ -257,11 +260,14 @@ class MMFTrainer:
         self.model.train()
         self.callbacks.call("on_train_start")
         self.log.info(f"training from update {self.num_updates} to {self.max_updates} (epoch {self.current_epoch})")
-        while self.stop_reason is None:
-            if self.num_updates >= self.max_updates:
-                self.stop_reason = f"reached max_updates={self.max_updates}"
-            elif not self.run_update():
-                self.stop_reason = f"reached max_epochs={self.max_epochs}"
+        with StopSignals() as signals:  # SIGTERM/SIGINT/SIGUSR1: checkpoint, then Preempted
+            while self.stop_reason is None:
+                if self.num_updates >= self.max_updates:
+                    self.stop_reason = f"reached max_updates={self.max_updates}"
+                elif not self.run_update():
+                    self.stop_reason = f"reached max_epochs={self.max_epochs}"
+                elif (signal_name := signals.agreed(self.strategy, self.device)) is not None:
+                    stop_for_signal(self, signal_name)
         self.log.info(f"training stopped at update {self.num_updates}: {self.stop_reason}")
         self.callbacks.call("on_train_end")
 
@@ -522,8 +528,10 @@ class MMFTrainer:
             path = resume_file
         elif setting(self.config, "checkpoint.resume_best"):
             path = self.checkpoint_files.best
-        elif setting(self.config, "checkpoint.resume"):
-            path = self.checkpoint_files.current
+        elif setting(self.config, "checkpoint.resume"):  # current.ckpt, else the newest readable models/model_N.ckpt
+            state, path = self.checkpoint_files.load_latest()
+            self.load_state(state, path)
+            return
         else:
             return
         self.load_state(load_checkpoint(path), path)
