@@ -80,14 +80,17 @@ class MMFTrainer:
         plan = RunPlan.parse(self.config.run_type, setting(self.config, "evaluation.predict"))
         self.setup(plan)
         final: Dict[str, float] = {}
+        evaluated_update, checkpoint = self.num_updates, None  # the weights the final passes score
         try:
             if plan.train:
                 self.train()
-                self._restore_best_for_final_passes(plan)
+                best_update = self._restore_best_for_final_passes(plan)
+                evaluated_update = self.num_updates if best_update is None else best_update
+                checkpoint = None if best_update is None else "best.ckpt"
             for split, wanted in (("val", plan.val), ("test", plan.test)):
                 if wanted:
                     report = self.evaluate(split)
-                    self.training_logger.log_eval(self.num_updates, report)
+                    self.training_logger.log_eval(evaluated_update, report, checkpoint=checkpoint)
                     final.update(report)
             if plan.predict:
                 self.predict("test")
@@ -592,15 +595,19 @@ class MMFTrainer:
         self.source_sampler.load_state_dict(source or {"seed": self.data_seed, "draws": self.num_updates + self.nonfinite_skips})
         self._sync_position()
 
-    def _restore_best_for_final_passes(self, plan: RunPlan) -> None:
-        """As MMF: final val/test/predict passes use the best checkpoint when one was tracked."""
+    def _restore_best_for_final_passes(self, plan: RunPlan) -> Optional[int]:
+        """As MMF: final val/test/predict passes use the best checkpoint when one was tracked.
+        Returns the update of the weights loaded (None: the current weights are kept)."""
         early = self.callbacks.find(EarlyStoppingCallback)
         if not (plan.val or plan.test or plan.predict) or early is None or early.best_update is None:
-            return
-        if os.path.isfile(self.checkpoint_files.best):
-            weights = model_weights(load_checkpoint(self.checkpoint_files.best))
-            self._load_model_weights(weights, strict=True, source=self.checkpoint_files.best)
-            self.log.info(f"final evaluation uses best.ckpt (update {early.best_update}, {early.criteria}={early.best_value:.6g})")
+            return None
+        if not os.path.isfile(self.checkpoint_files.best):
+            return None
+        state = load_checkpoint(self.checkpoint_files.best)
+        self._load_model_weights(model_weights(state), strict=True, source=self.checkpoint_files.best)
+        update = int((state.get("counts") or {}).get("num_updates", early.best_update))
+        self.log.info(f"final evaluation uses best.ckpt (update {update}, {early.criteria}={early.best_value:.6g})")
+        return update
 
     def _load_model_weights(self, weights, strict: bool, source: str):
         """Check keys and shapes against the unwrapped model, then load through the strategy.
