@@ -12,6 +12,8 @@ Model config (``model_config.<name>``, see ``configs/models/<name>/defaults.yaml
   JSON's ``hidden_dropout_prob`` / ``attention_probs_dropout_prob``); it wins over ``architecture``;
 - ``head`` (a registered head, ``vqa`` by default; see :mod:`villa_plugin.models.heads`) and
   ``num_labels`` (3129 for VQA);
+- ``img_dim``: the width of the region features (2048 for BUTD features and the released
+  checkpoints; another width builds ``img_linear`` for it, trained from scratch);
 - ``pretrained_checkpoint``: official ``.pt`` / MMF / ``.safetensors`` file loaded in ``build()``;
 - ``losses``; ``adversarial`` (read by the ``villa_free_at`` trainer, not by the model).
 
@@ -46,6 +48,7 @@ from villa_plugin.backbones.uniter.checkpoint_keys import (
 from villa_plugin.models.heads import TaskHead, build_head, get_head_class
 from villa_plugin.models.trunk import EmbeddingGrowth, TokenLayout, TrunkDims, TrunkOutput, eval_mode
 from villa_plugin.backbones.uniter.model import (
+    IMG_DIM,
     UniterConfig,
     UniterModel,
     grow_type_embeddings,
@@ -111,7 +114,11 @@ class UNITER(BaseModel):
             self.uniter_config = UniterConfig.from_name(str(cfg.get("uniter_config", "base")), overrides)
         except ConfigError as err:
             raise ConfigError(f"{self._key('uniter_config')} / {self._key('architecture')}: {err}") from err
-        self.uniter = UniterModel(self.uniter_config)
+        self.img_dim = cfg.get("img_dim", IMG_DIM)
+        if isinstance(self.img_dim, bool) or not isinstance(self.img_dim, int) or self.img_dim < 1:
+            raise ConfigError(f"{self._key('img_dim')} must be a positive integer (the region feature width), "
+                              f"got {self.img_dim!r}.")
+        self.uniter = UniterModel(self.uniter_config, self.img_dim)
         # mask_embedding serves pretraining (masked region modelling) only: freeze it so DDP/ZeRO do
         # not wait for a gradient that fine-tuning never produces (HF AdamW skips it either way).
         self.uniter.img_embeddings.mask_embedding.weight.requires_grad_(False)
@@ -196,7 +203,7 @@ class UNITER(BaseModel):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, sample_list, perturbation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """``{"scores": logits [B, num_labels]}``; ``perturbation`` = ``{"text": [B, Lt, H], "image": [B, Nb, 2048]}``
+        """``{"scores": logits [B, num_labels]}``; ``perturbation`` = ``{"text": [B, Lt, H], "image": [B, Nb, img_dim]}``
         (either may be None or absent)."""
         txt_delta, img_delta = self._split_perturbation(sample_list, perturbation)
         sequence_output = self.uniter(
@@ -217,7 +224,7 @@ class UNITER(BaseModel):
         return {"scores": self.head(trunk, sample_list)}
 
     def perturbation_shapes(self, sample_list) -> Dict[str, tuple]:
-        """``{"text": (B, Lt, H), "image": (B, Nb, 2048)}`` for this batch."""
+        """``{"text": (B, Lt, H), "image": (B, Nb, img_dim)}`` for this batch."""
         input_ids, img_feat = sample_list["input_ids"], sample_list["img_feat"]
         return {
             "text": (int(input_ids.size(0)), int(input_ids.size(1)), self.uniter_config.hidden_size),
