@@ -36,6 +36,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from villa_plugin.common.errors import CheckpointError, ConfigError
+from villa_plugin.common.input_spec import InputSpec, Size
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.models.base_model import BaseModel
 from villa_plugin.backbones.uniter.checkpoint_keys import (
@@ -196,6 +197,18 @@ class UNITER(BaseModel):
                 f"loading order of head \"{self.head_name}\"."
             )
         return verdicts != {False}
+
+    def input_spec(self) -> InputSpec:
+        """Word-embedding rows before any head growth (``architecture.vocab_size``), ``num_labels``
+        (the scores' width for heads that score labels) and ``img_dim``."""
+        words = self.uniter.embeddings.word_embeddings.num_embeddings
+        grown = self.embedding_growth.extra_words if self.embedding_growth is not None else 0
+        labels = getattr(self.head, "label_width", None)
+        return InputSpec(
+            vocab_size=Size(words - grown, self._key("architecture.vocab_size")),
+            label_width=Size(labels, self._key("num_labels")) if labels else None,
+            feature_dim=Size(self.img_dim, self._key("img_dim")),
+        )
 
     @property
     def head(self) -> TaskHead:

@@ -37,6 +37,7 @@ from villa_plugin.checkpoint import (
 from villa_plugin.common.config_access import setting
 from villa_plugin.common.device import select_device
 from villa_plugin.common.errors import CheckpointError, ConfigError, TrainingError
+from villa_plugin.common.input_spec import InputSpec, check_model_fits_data
 from villa_plugin.common.logger import TrainingLogger, ensure_console_logging, get_logger
 from villa_plugin.common.sample_list import SampleList
 from villa_plugin.datasets.loader import build_loader
@@ -118,6 +119,7 @@ class MMFTrainer:
         self.data_seed = seed if seed >= 0 else secrets.randbelow(2**31)
         self.datasets = self.build_datasets(plan)
         self.raw_model = self.build_model()
+        self.check_model_fits_data()
         self.model, self.optimizer = self.strategy.wrap(self.raw_model, self.build_optimizer)
         self.scaler = self.strategy.grad_scaler(self.precision)
         self.metric_specs = parse_metric_specs(setting(config, "evaluation.metrics") or [])
@@ -199,6 +201,14 @@ class MMFTrainer:
         raw.init_losses()
         raw.to(self.device)
         return raw
+
+    def check_model_fits_data(self) -> None:
+        """Every dataset's vocabulary, target width and feature width against the model's
+        (``input_spec()`` of both): a ConfigError naming both settings, before the first forward."""
+        model_spec = self.raw_model.input_spec() if hasattr(self.raw_model, "input_spec") else InputSpec()
+        for split, datasets in self.datasets.items():
+            for name, dataset in datasets.items():
+                check_model_fits_data(model_spec, getattr(dataset, "input_spec", InputSpec()), f"{name} ({split})")
 
     def build_optimizer(self, param_groups):
         """The optimizer of the ``optimizer`` block over ``param_groups`` (the strategy calls this
