@@ -24,9 +24,9 @@ def test_a_larger_vocabulary_names_both_settings():
     with pytest.raises(ConfigError) as err:
         check_model_fits_data(MODEL, data, "vqa2 (train)")
     text = str(err.value)
-    assert "vqa2 (train)" in text and "/data/uncased/vocab.txt" in text and "30522 tokens" in text
+    assert "vqa2 (train): the token ids reach 30521 (dataset_config.vqa2.vocab (/data/uncased/vocab.txt))" in text
     assert "model_config.villa.architecture.vocab_size = 28996" in text
-    assert "set model_config.villa.architecture.vocab_size=30522" in text
+    assert "set model_config.villa.architecture.vocab_size to your vocabulary's size (at least 30522)" in text
 
 
 def test_label_and_target_widths_must_be_equal():

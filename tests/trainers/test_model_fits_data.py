@@ -57,13 +57,20 @@ def test_fitting_data_trains_with_another_feature_width(tmp_path):
 
 
 def test_a_vocabulary_larger_than_vocab_size_is_a_config_error(tmp_path):
-    bigger = TOKENS + [f"word{i}" for i in range(10)]  # 24 tokens: ids up to 23 >= vocab_size 16
+    # "dog" moves to id 23 >= vocab_size 16 (24 tokens): a raw IndexError at the first forward before this check
+    bigger = [t for t in TOKENS if t != "dog"] + [f"word{i}" for i in range(10)] + ["dog"]
     with pytest.raises(ConfigError) as err:
         _trainer(tmp_path, vocab_tokens=bigger).setup(RunPlan.parse("train"))
     text = str(err.value)
-    assert "dataset_config.vqa2.vocab" in text and str(tmp_path / "vocab.txt") in text and "24 tokens" in text
+    assert f"the token ids reach 23 (dataset_config.vqa2.vocab ({tmp_path / 'vocab.txt'}, 24 tokens; the highest id used is 23))" in text
     assert "model_config.uniter.architecture.vocab_size = 16" in text
-    assert "set model_config.uniter.architecture.vocab_size=24" in text
+    assert "set model_config.uniter.architecture.vocab_size to your vocabulary's size (at least 24)" in text
+
+
+def test_unused_vocabulary_ids_beyond_vocab_size_are_not_an_error(tmp_path):
+    trainer = _trainer(tmp_path, vocab_tokens=TOKENS + [f"word{i}" for i in range(10)])  # ids 12..23 unused
+    trainer.setup(RunPlan.parse("train"))
+    assert trainer.datasets["train"]["vqa2"].input_spec.vocab_size.value == 12  # "dog" (11) is the highest id used
 
 
 def test_num_labels_and_num_answers_must_agree(tmp_path):

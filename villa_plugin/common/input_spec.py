@@ -31,7 +31,8 @@ class Size:
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """``vocab_size``: token ids are below it; ``label_width``: the width of scores / targets;
+    """``vocab_size``: token ids are below it (a model: its word-embedding rows; a dataset: the
+    highest id it holds + 1, or its vocabulary's size when it cannot tell); ``label_width``: the width of scores / targets;
     ``feature_dim``: the region-feature width."""
 
     vocab_size: Optional[Size] = None
@@ -44,11 +45,11 @@ def check_model_fits_data(model: InputSpec, data: InputSpec, dataset: str) -> No
     if model.vocab_size and data.vocab_size and data.vocab_size.value > model.vocab_size.value:
         m, d = model.vocab_size, data.vocab_size
         raise ConfigError(
-            f"{dataset}: the token vocabulary ({d}: {d.value} tokens) is larger than the model's word "
-            f"embeddings ({m} = {m.value} rows), so token ids >= {m.value} cannot be looked up. Use the "
-            f"vocabulary the model was trained with (bert-base-cased's vocab.txt, 28996 tokens, for the UNITER / "
-            f"VILLA checkpoints), or set {m.where}={d.value} to train new rows from scratch (a "
-            f"pretrained checkpoint's word embeddings then no longer fit)."
+            f"{dataset}: the token ids reach {d.value - 1} ({d}) but the model has {m.value} word-embedding "
+            f"rows ({m} = {m.value}), so ids >= {m.value} cannot be looked up. Use the vocabulary the model "
+            f"was trained with (bert-base-cased's vocab.txt, 28996 tokens, for the UNITER / VILLA "
+            f"checkpoints), or set {m.where} to your vocabulary's size (at least {d.value}); its new rows "
+            f"train from scratch and a pretrained checkpoint's word embeddings no longer fit."
         )
     if model.label_width and data.label_width and data.label_width.value != model.label_width.value:
         m, d = model.label_width, data.label_width

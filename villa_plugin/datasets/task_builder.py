@@ -234,13 +234,15 @@ class TaskBuilder(BaseDatasetBuilder):
             raise DataError(f"{self.dataset_name} {ctx.filt.split}: no examples left ({dict(ctx.filt.dropped)} dropped)")
         ctx.filt.log(len(records))
         dataset = self.make_dataset(ctx, records)
-        dataset.input_spec = self.input_spec(ctx)
+        dataset.input_spec = self.input_spec(ctx, records)
         return dataset
 
-    def input_spec(self, ctx: SplitContext) -> InputSpec:
-        """What the split feeds a model (checked against the model at set-up): the token vocabulary
-        and the region-feature width; a task whose targets have a configured width adds it."""
-        return InputSpec(vocab_size=ctx.vocab, feature_dim=feature_width(ctx.img_dbs, self.dataset_name, ctx.split))
+    def input_spec(self, ctx: SplitContext, records: Any) -> InputSpec:
+        """What the split feeds a model (checked against the model at set-up): its token ids (the
+        ids held in memory, else the txt_db's vocabulary) and the region-feature width; a task whose
+        targets have a configured width adds it."""
+        return InputSpec(vocab_size=token_ids_used(ctx.vocab, records),
+                         feature_dim=feature_width(ctx.img_dbs, self.dataset_name, ctx.split))
 
     def open_split(self, cfg: Dict[str, Any], split: str) -> SplitContext:
         """The split's :class:`SplitContext` (see the module docstring)."""
@@ -298,6 +300,16 @@ class TaskBuilder(BaseDatasetBuilder):
                 yield TxtDbExample(db_index, db, key, int(length))
 
 
+def token_ids_used(vocab: Optional[Size], records: Any) -> Optional[Size]:
+    """``vocab`` narrowed to the ids the examples use (highest id + 1) when they are held in memory
+    (tokenised from annotations): a vocabulary with unused ids beyond the model's rows still fits."""
+    ids = getattr(records, "input_ids", None)
+    if vocab is None or not ids:
+        return vocab
+    top = max([max(x) for x in ids if len(x)] + [int(records.cls_id), int(records.sep_id)])
+    return Size(top + 1, vocab.where, f"{vocab.detail}, {vocab.value} tokens; the highest id used is {top}")
+
+
 def feature_width(img_dbs: Sequence[ImgFeatDB], dataset: str, split: str) -> Optional[Size]:
     """The region-feature width of a split's image dbs (None when none can tell); dbs of different
     widths are a DataError naming two of them."""
@@ -313,4 +325,4 @@ def feature_width(img_dbs: Sequence[ImgFeatDB], dataset: str, split: str) -> Opt
     return Size(first_dim, f"img_db {first_db.img_dir}")
 
 
-__all__ = ["TaskBuilder", "feature_width", "SplitContext", "ExampleRecords", "TxtDbExample", "MISSING_IMAGE_POLICIES"]
+__all__ = ["TaskBuilder", "feature_width", "token_ids_used", "SplitContext", "ExampleRecords", "TxtDbExample", "MISSING_IMAGE_POLICIES"]

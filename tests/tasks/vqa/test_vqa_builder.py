@@ -227,7 +227,10 @@ def test_missing_images_is_a_vqa2_config_key(tmp_path):
 def test_input_spec_reports_vocabulary_targets_and_feature_width(tmp_path, vocab_file):
     cfg = _json_files(tmp_path, vocab_file)
     spec = VQA2Builder("vqa2", cfg).build_dataset("train").input_spec
-    assert (spec.vocab_size.value, spec.vocab_size.where, spec.vocab_size.detail) == (24, "dataset_config.vqa2.vocab", vocab_file)
+    train = VQA2Builder("vqa2", cfg).build_dataset("train")
+    top = max(max(train[i]["input_ids"]) for i in range(len(train)))
+    assert (spec.vocab_size.value, spec.vocab_size.where) == (top + 1, "dataset_config.vqa2.vocab")
+    assert spec.vocab_size.detail == f"{vocab_file}, 24 tokens; the highest id used is {top}"
     assert (spec.label_width.value, spec.label_width.where, spec.label_width.detail) == (4, "dataset_config.vqa2.num_answers", "")
     assert spec.feature_dim.value == 2048 and spec.feature_dim.where == f"img_db {tmp_path / 'img_db/coco'}"
     derived = VQA2Builder("vqa2", dict(cfg, num_answers=None)).build_dataset("val").input_spec

@@ -69,9 +69,9 @@ class VQA2Builder(TaskBuilder):
                               f"{cfg.get('ans2label')}; set it to null to use their number")
         return label2ans, num_answers
 
-    def input_spec(self, ctx: SplitContext) -> InputSpec:
+    def input_spec(self, ctx: SplitContext, records: ExampleRecords) -> InputSpec:
         """The common sizes plus the targets' width (``num_answers``; null: the answers of ``ans2label``)."""
-        spec = super().input_spec(ctx)
+        spec = super().input_spec(ctx, records)
         key = f"dataset_config.{self.dataset_name}.num_answers"
         detail = "" if ctx.cfg.get("num_answers") is not None else f"null: the answers of {ctx.cfg.get('ans2label')}"
         return dataclasses.replace(spec, label_width=Size(ctx.extra["num_answers"], key, detail))
