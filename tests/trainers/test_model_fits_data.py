@@ -2,51 +2,16 @@
 larger than ``architecture.vocab_size``, ``num_labels`` != ``num_answers`` and features of another width
 than ``img_dim`` are ConfigErrors naming both settings, not an IndexError / ValueError / shape error at
 the first forward or mid-run. Real ``vqa2`` data (VQA JSON, a WordPiece vocab, an img_db) and a tiny UNITER."""
-import json
-
 import pytest
 
-from datasets_testlib import region_record, write_vqa_json
-from villa_plugin.common.device import set_seed
 from villa_plugin.common.errors import ConfigError
-from villa_plugin.config.compose import build_config
-from villa_plugin.datasets.features import write_img_db
 from villa_plugin.trainers.base_trainer import MMFTrainer
 from villa_plugin.trainers.runtime import RunPlan
-
-TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "!", "?", "what", "color", "is", "the", "dog", "a", "there"]
-ANSWERS = ["yes", "no", "red"]
-
-
-def _data(root, feature_dim=2048, vocab_tokens=TOKENS):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "vocab.txt").write_text("\n".join(vocab_tokens) + "\n")
-    (root / "ans2label.json").write_text(json.dumps({a: i for i, a in enumerate(ANSWERS)}))
-    write_img_db(str(root / "img_db"), [(f"{i}.npz", region_record(10, [0.9] * 10, seed=i, dim=feature_dim))
-                                        for i in range(1, 4)])
-    questions = [{"question_id": i, "image_id": 1 + i % 3, "question": "what color is the dog?"} for i in range(8)]
-    answers = [{"question_id": i, "answers": [{"answer": ANSWERS[i % 3]}] * 10} for i in range(8)]
-    return write_vqa_json(str(root), "train", questions, answers)
+from vqa_toys import TOKENS, vqa_config
 
 
 def _trainer(tmp_path, *overrides, **data):
-    q, a = _data(tmp_path, **data)
-    config = build_config([
-        "model=uniter", "dataset=vqa2", "run_type=train", f"env.save_dir={tmp_path / 'save'}",
-        "dataset_config.vqa2.source=vqa_json", f"dataset_config.vqa2.data_dir={tmp_path}",
-        "dataset_config.vqa2.vocab=vocab.txt", "dataset_config.vqa2.ans2label=ans2label.json",
-        f"dataset_config.vqa2.questions.train=[{q}]", f"dataset_config.vqa2.annotations.train=[{a}]",
-        "dataset_config.vqa2.img_db.train=[img_db]", 'dataset_config.vqa2.img_key_format="{image_id}.npz"',
-        "model_config.uniter.architecture.vocab_size=16", "model_config.uniter.architecture.hidden_size=16",
-        "model_config.uniter.architecture.num_hidden_layers=1", "model_config.uniter.architecture.num_attention_heads=2",
-        "model_config.uniter.architecture.intermediate_size=32", "model_config.uniter.num_labels=3",
-        "training.max_updates=2", "training.batching=fixed", "training.batch_size=4", "training.num_workers=0",
-        "training.pin_memory=false", "training.precision=fp32", "training.tensorboard=false",
-        "training.evaluation_interval=0", "training.checkpoint_interval=0", "training.early_stop.criteria=",
-        *overrides,
-    ], load_plugins=False)
-    set_seed(1)
-    return MMFTrainer(config)
+    return MMFTrainer(vqa_config(tmp_path, *overrides, **data))
 
 
 def test_fitting_data_trains_with_another_feature_width(tmp_path):

@@ -217,7 +217,8 @@ class UNITER(BaseModel):
     # -- forward --------------------------------------------------------------------------
     def forward(self, sample_list, perturbation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """``{"scores": logits [B, num_labels]}``; ``perturbation`` = ``{"text": [B, Lt, H], "image": [B, Nb, img_dim]}``
-        (either may be None or absent)."""
+        (either may be None or absent). A perturbed forward adds ``perturbed_input_norms``: the row
+        L2 norms ``[B]`` of the inputs δ is added to (word embeddings, raw region features)."""
         txt_delta, img_delta = self._split_perturbation(sample_list, perturbation)
         sequence_output = self.uniter(
             sample_list["input_ids"],
@@ -234,7 +235,13 @@ class UNITER(BaseModel):
         )
         pooled = self.uniter.pooler(sequence_output) if self.head.uses_pooler else None
         trunk = TrunkOutput(sequence_output, pooled, uniter_layout(sample_list), UniterEncoder(self.uniter))
-        return {"scores": self.head(trunk, sample_list)}
+        output = {"scores": self.head(trunk, sample_list)}
+        if txt_delta is not None or img_delta is not None:
+            output["perturbed_input_norms"] = {
+                "text": self.uniter.embeddings.perturbed_input_norm if txt_delta is not None else None,
+                "image": sample_list["img_feat"].detach().float().flatten(1).norm(dim=1) if img_delta is not None else None,
+            }
+        return output
 
     def perturbation_shapes(self, sample_list) -> Dict[str, tuple]:
         """``{"text": (B, Lt, H), "image": (B, Nb, img_dim)}`` for this batch."""
