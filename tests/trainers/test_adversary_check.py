@@ -4,6 +4,7 @@ norm relative to its input; step sizes that move the predictions give no warning
 import math
 
 import pytest
+import torch
 
 from villa_plugin.common.errors import ConfigError
 from villa_plugin.trainers.adversary_check import AdversaryCheckCallback, max_prediction_shift
@@ -56,3 +57,12 @@ def test_threshold_is_pinskers_bound():
     assert max_prediction_shift(4e-4) == pytest.approx(0.01)  # the default min_kl: at most 1% of the mass
     assert max_prediction_shift(1e-4) == pytest.approx(0.005) and max_prediction_shift(-1.0) == 0.0
     assert math.isclose(max_prediction_shift(4e-6), 1e-3)
+
+
+def test_standard_error_of_the_gain():
+    from villa_plugin.trainers.adversary_check import standard_error
+
+    values = [1e-4, 3e-4, 2e-4, 6e-4]
+    mean, squares = sum(values) / 4, sum(v * v for v in values) / 4
+    assert standard_error(mean, squares, 4) == pytest.approx(float(torch.tensor(values).std()) / 2, rel=1e-5)
+    assert standard_error(mean, None, 4) == 0.0 and standard_error(mean, squares, 1) == 0.0
