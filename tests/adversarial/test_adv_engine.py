@@ -432,3 +432,34 @@ def test_exact_without_a_clean_leaf_gradient_is_an_error():
     model = make_model()
     FreeATEngine(cfg(formulation="official")).step(model, make_batch(), backward=params_and_deltas_only(model))
     assert all(p.grad is not None for p in model.parameters())
+
+
+# -- what the adversary changes: kl_gain and delta_ratio ---------------------------------------
+def test_kl_gain_is_the_later_steps_kl_over_step_zeros():
+    _, stats, _ = run_engine(cfg(adv_steps=3), dropout=0.0)  # step 0: δ_0 = 0, no dropout: KL exactly 0
+    assert stats["kl_gain"].item() == pytest.approx(stats["kl"].item() * 3 / 2, rel=1e-5)
+    assert stats["kl_gain"].item() > 0
+    _, still, _ = run_engine(cfg(adv_lr_txt=0.0), dropout=0.0)  # no ascent, no dropout: nothing gained
+    assert still["kl_gain"].item() == 0.0
+    _, single, _ = run_engine(cfg(adv_steps=1))
+    assert "kl_gain" not in single  # K = 1: no ascent step to measure
+
+
+class _ReportsInputNorms(TinyVLModel):
+    def forward(self, batch, perturbation=None):
+        output = super().forward(batch, perturbation)
+        if perturbation:
+            output["perturbed_input_norms"] = {"image": batch["img_feat"].flatten(1).norm(dim=1)}
+        return output
+
+
+def test_delta_ratio_is_reported_when_the_model_gives_input_norms():
+    batch = make_batch()
+    torch.manual_seed(0)
+    model = _ReportsInputNorms({"dropout": 0.0})
+    model.build()
+    model.init_losses()
+    stats = FreeATEngine(cfg(adv_modality=["image", "text"])).step(model, batch, backward=plain_backward)
+    expected = stats["delta_norm_image"] / batch["img_feat"].flatten(1).norm(dim=1).mean()
+    assert stats["delta_ratio_image"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert "delta_ratio_text" not in stats  # the model reported no text norm

@@ -163,3 +163,23 @@ def test_pretrained_checkpoint_is_loaded_in_build(tmp_path):
     assert model.load_report is not None and model.load_report.missing == []
     with pytest.raises(CheckpointError, match="pretrained_checkpoint.*missing-villa-base.pt"):
         build(pretrained_checkpoint=str(tmp_path / "missing-villa-base.pt"))
+
+
+def test_img_dim_key_sets_the_region_feature_width(tmp_path):
+    model = build(img_dim=512).eval()
+    assert model.uniter.img_embeddings.img_linear.in_features == 512
+    assert model.uniter.img_embeddings.mask_embedding.embedding_dim == 512
+    batch = make_batch([4, 2], [3, 1], num_labels=5)
+    batch["img_feat"] = batch["img_feat"][..., :512].contiguous()  # 512-d features, no zero-padding
+    assert model.perturbation_shapes(batch)["image"] == (2, 3, 512)
+    delta = torch.zeros(2, 3, 512, requires_grad=True)
+    model(batch, perturbation={"image": delta})["losses"]["train/vqa2/logit_bce"].backward()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="model_config.uniter.img_dim"):
+        build(img_dim="2048")
+
+
+def test_checkpoint_of_another_feature_width_is_a_shape_error_naming_the_key(tmp_path):
+    path = export_safetensors(build(seed=1), tmp_path / "villa-tiny-2048.safetensors")
+    with pytest.raises(CheckpointError, match=r"img_embeddings.img_linear.weight.*\[32, 2048\] vs model \[32, 512\].*img_dim"):
+        build(img_dim=512, pretrained_checkpoint=path)

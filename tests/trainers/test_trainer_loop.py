@@ -292,3 +292,19 @@ def test_backward_can_keep_the_graph(tmp_path):
     trainer.backward(loss, retain_graph=True)
     trainer.backward(loss)  # the graph is still there for a second pass
     assert torch.equal(weight.grad, torch.full((3,), 4.0))
+
+
+def test_final_evaluation_is_labelled_with_the_best_checkpoints_update(tmp_path, caplog):
+    overrides = {
+        "training": {
+            "max_updates": 4, "evaluation_interval": 1, "checkpoint_interval": 0,
+            "early_stop": {"enabled": False, "criteria": f"{DATASET}/accuracy"},
+        },
+        "optimizer": {"params": {"lr": 0.0}},  # accuracy never changes: update 1 stays the best
+        "evaluation": {"metrics": ["accuracy"]},
+    }
+    with caplog.at_level("INFO", logger="villa_plugin"):
+        _trainer(tmp_path, overrides, "train_val").run()
+    evaluations = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluation")]
+    assert evaluations[-1].startswith("evaluation of best.ckpt (the best checkpoint, update 1): ")
+    assert not any(m.startswith("evaluation at update 4: ") for m in evaluations[4:])

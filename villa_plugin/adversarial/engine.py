@@ -109,8 +109,12 @@ class FreeATEngine:
 
         Returned keys: ``loss`` (mean per-forward objective task + α·KL), ``task_loss``, ``kl``
         (means over the perturbed forwards), ``clean_task_loss`` (the clean forward's loss) and,
-        with adversaries, ``delta_norm_<modality>`` (mean row L2 norm of the last δ) and
-        ``ascent_skips`` (δ updates skipped for a non-finite gradient).
+        with adversaries, ``kl_gain`` (K >= 2: the mean KL of steps 1..K-1 minus step 0's, whose δ_0
+        is 0 without a random start: what the ascent adds to the dropout-only divergence),
+        ``delta_norm_<modality>`` (mean row L2 norm of the last δ),
+        ``delta_ratio_<modality>`` (that norm over the mean row norm of the input δ is added to,
+        when the model's output reports ``perturbed_input_norms``) and ``ascent_skips`` (δ
+        updates skipped for a non-finite gradient).
         """
         sync_context = sync_context or (lambda is_last: contextlib.nullcontext())
         forward_context = forward_context or contextlib.nullcontext
@@ -164,8 +168,10 @@ class _Run:
         self.device = _batch_device(batch, model)
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
         self.task_sum, self.kl_sum, self.clean_task = zero.clone(), zero.clone(), zero.clone()
+        self.kl_first = zero.clone()  # the KL of step 0, whose δ_0 no ascent has moved yet
         self.skips = torch.zeros((), dtype=torch.long, device=self.device)
         self.check_delta_gradients = False
+        self.input_norms: Dict[str, torch.Tensor] = {}
 
     # -- set-up ---------------------------------------------------------------------------
     def init_deltas(self, shapes: Dict[str, Tuple[int, ...]], masks: Dict[str, Optional[torch.Tensor]], generator) -> None:
@@ -207,9 +213,12 @@ class _Run:
             with self.forward_context():
                 output = self.model(self.batch, perturbation=perturbation)
             task = task_loss_of(output)
+            self._note_input_norms(output)
             kl = self.reduce_kl(symmetric_kl(output["scores"], reference))
             self.task_sum += task.detach().float()
             self.kl_sum += kl.detach().float()
+            if t == 0:
+                self.kl_first += kl.detach().float()
             term = task + self.cfg.adv_kl_weight * kl
             loss = term if loss is None else loss + term
         loss = loss / (self.cfg.adv_steps * self.forwards_per_step)
@@ -228,6 +237,14 @@ class _Run:
             self._check_delta_gradients()
         if not last:
             self._update_deltas()
+
+    def _note_input_norms(self, output: Dict[str, Any]) -> None:
+        """The mean row norm of each perturbed input, when the model reports them (optional output
+        ``perturbed_input_norms``): δ's size relative to its input is logged as ``delta_ratio_<m>``."""
+        norms = output.get("perturbed_input_norms") or {}
+        for m in self.active:
+            if norms.get(m) is not None:
+                self.input_norms[m] = norms[m].detach().float().mean()
 
     def _perturbations(self) -> List[Dict[str, Optional[torch.Tensor]]]:
         if self.cfg.alter:
@@ -288,8 +305,13 @@ class _Run:
             "clean_task_loss": self.clean_task,
             "ascent_skips": self.skips,
         }
+        if self.cfg.adv_steps > 1:  # what the ascent adds: the later steps' KL over step 0's
+            later = (self.kl_sum - self.kl_first) / ((self.cfg.adv_steps - 1) * self.forwards_per_step)
+            out["kl_gain"] = later - self.kl_first / self.forwards_per_step
         for m, delta in self.deltas.items():
             out[f"delta_norm_{m}"] = row_norms(delta, "l2").mean()
+            if m in self.input_norms:
+                out[f"delta_ratio_{m}"] = out[f"delta_norm_{m}"] / self.input_norms[m].clamp_min(1e-12)
         return out
 
 

@@ -30,7 +30,9 @@ class Perturbable(Protocol):
     - ``forward(batch, perturbation=None)``: ``{"scores": Tensor, "losses": {...}}``. δ is an fp32
       tensor per modality (or None); the model adds it where its backbone documents it, in fp32
       whatever its parameter dtype (upcast, add δ, run the next LayerNorm / projection input in
-      fp32, cast to the compute dtype after).
+      fp32, cast to the compute dtype after). Optionally, a perturbed forward's output carries
+      ``perturbed_input_norms``: ``{"text": [B] | None, "image": [B] | None}``, the detached row
+      norms of the inputs δ is added to (the engine logs δ's size relative to them).
     """
 
     kl_reduction: str

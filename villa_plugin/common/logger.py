@@ -100,14 +100,17 @@ class TrainingLogger:
             )
         self.scalars(update, {**values, "train/lr": lr, "train/updates_per_s": updates_per_s, "train/examples_per_s": examples_per_s})
 
-    def log_eval(self, update: int, report: Dict[str, float]) -> None:
-        """One evaluation line plus scalars (keys ``<split>/<dataset>/<metric>``)."""
+    def log_eval(self, update: int, report: Dict[str, float], checkpoint: Optional[str] = None) -> None:
+        """One evaluation line plus scalars (keys ``<split>/<dataset>/<metric>``). ``update`` is the
+        update of the weights evaluated; ``checkpoint`` names their file when they are not the
+        current weights (the final passes score ``best.ckpt``)."""
         if not self.is_main:
             return
         if self.log_format == "json":
-            self._emit(json.dumps({"update": update, **report}))
+            self._emit(json.dumps({"update": update, **({"checkpoint": checkpoint} if checkpoint else {}), **report}))
         else:
-            self._emit(f"evaluation at update {update}: " + ", ".join(f"{k}: {v:.4f}" for k, v in report.items()))
+            what = f"evaluation of {checkpoint} (the best checkpoint, update {update})" if checkpoint else f"evaluation at update {update}"
+            self._emit(f"{what}: " + ", ".join(f"{k}: {v:.4f}" for k, v in report.items()))
         self.scalars(update, report)
 
     def info(self, message: str) -> None:

@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Optional
 
 from torch.utils.data import Dataset
 
+from villa_plugin.common.input_spec import InputSpec
 from villa_plugin.common.sample_list import SampleList
 
 
@@ -14,7 +15,11 @@ class BaseDataset(Dataset):
     ``__getitem__`` returns one example (a dict); ``collate(examples)`` turns a list of them into a
     :class:`SampleList` with UNITER field names and sets ``dataset_name`` / ``dataset_type``.
     ``lengths()`` gives each example's token length (text + regions) for token-bucket batching.
+    ``input_spec`` says what it feeds a model (its builder sets it; the trainer checks it against
+    the model's at set-up, see :mod:`villa_plugin.common.input_spec`).
     """
+
+    input_spec: InputSpec = InputSpec()
 
     def __init__(self, dataset_name: str, dataset_type: str, config: Any):
         self.dataset_name = dataset_name

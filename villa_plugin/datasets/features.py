@@ -257,6 +257,15 @@ class ImgFeatDB:
         """How many distinct images seen so far (in this process) have fewer than ``min_bb`` boxes."""
         return len(self._below_min)
 
+    def feature_dim(self) -> Optional[int]:
+        """The width of this db's region features (read from its first record; None when the db
+        cannot list its keys)."""
+        try:
+            keys = self.keys()
+        except DataError:
+            return None
+        return int(self._record(keys[0])["features"].shape[1]) if keys else None
+
     def __getitem__(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
         rec = self._record(key)
         n = self._check_nbb(key, min(self.nbb(key), int(rec["features"].shape[0])))

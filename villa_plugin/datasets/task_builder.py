@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 from villa_plugin.common.errors import ConfigError, DataError
+from villa_plugin.common.input_spec import InputSpec, Size
 from villa_plugin.datasets.base import BaseDataset, BaseDatasetBuilder
 from villa_plugin.datasets.features import ImgFeatDB
 from villa_plugin.datasets.task_common import (
@@ -57,6 +58,7 @@ class SplitContext:
     filt: ExampleFilter
     img_dbs: List[ImgFeatDB]
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # what a task opens besides (VCR's gt dbs)
+    vocab: Optional[Size] = None  # the token vocabulary's size (set by tokenizer() / open_txt_dbs())
 
     @property
     def training(self) -> bool:
@@ -71,8 +73,10 @@ class SplitContext:
 
     def tokenizer(self) -> WordPieceTokenizer:
         """The WordPiece tokenizer of ``vocab`` / ``lowercase`` (annotation sources)."""
-        return WordPieceTokenizer(resolve_path(self.cfg, self.cfg.get("vocab"), self.dataset, "vocab"),
-                                  lowercase=bool(self.cfg.get("lowercase", False)))
+        tok = WordPieceTokenizer(resolve_path(self.cfg, self.cfg.get("vocab"), self.dataset, "vocab"),
+                                 lowercase=bool(self.cfg.get("lowercase", False)))
+        self.vocab = Size(tok.vocab_size, f"dataset_config.{self.dataset}.vocab", tok.vocab_path)
+        return tok
 
     def locate(self, keys: Sequence[str], where: str, dbs: Optional[Sequence[Sequence[ImgFeatDB]]] = None):
         """The db index of each image key (``dbs[i]`` searched for ``keys[i]``; by default the split's
@@ -229,7 +233,16 @@ class TaskBuilder(BaseDatasetBuilder):
         if not len(records):
             raise DataError(f"{self.dataset_name} {ctx.filt.split}: no examples left ({dict(ctx.filt.dropped)} dropped)")
         ctx.filt.log(len(records))
-        return self.make_dataset(ctx, records)
+        dataset = self.make_dataset(ctx, records)
+        dataset.input_spec = self.input_spec(ctx, records)
+        return dataset
+
+    def input_spec(self, ctx: SplitContext, records: Any) -> InputSpec:
+        """What the split feeds a model (checked against the model at set-up): its token ids (the
+        ids held in memory, else the txt_db's vocabulary) and the region-feature width; a task whose
+        targets have a configured width adds it."""
+        return InputSpec(vocab_size=token_ids_used(ctx.vocab, records),
+                         feature_dim=feature_width(ctx.img_dbs, self.dataset_name, ctx.split))
 
     def open_split(self, cfg: Dict[str, Any], split: str) -> SplitContext:
         """The split's :class:`SplitContext` (see the module docstring)."""
@@ -258,7 +271,11 @@ class TaskBuilder(BaseDatasetBuilder):
     def open_txt_dbs(self, ctx: SplitContext, db_class: Type[TxtDB] = TxtDB) -> List[TxtDB]:
         """The split's txt_dbs (``txt_db.<split>``); the length filter is applied by
         :meth:`txt_db_examples`, so every example is listed here."""
-        return [db_class(p, -1) for p in ctx.paths("txt_db", "txt_dbs")]
+        txt_dbs = [db_class(p, -1) for p in ctx.paths("txt_db", "txt_dbs")]
+        sizes = [Size(int(db.v_range[1]), os.path.join(db.db_dir, "meta.json"), "v_range: the vocabulary it was tokenised with")
+                 for db in txt_dbs if isinstance(db.v_range, (list, tuple)) and len(db.v_range) == 2]
+        ctx.vocab = max(sizes, key=lambda size: size.value, default=None)
+        return txt_dbs
 
     def annotation_lines(self, ctx: SplitContext, tok: WordPieceTokenizer, required: Sequence[str], text_field: str,
                          hint: str) -> Iterator[Tuple[str, int, Dict[str, Any], List[int]]]:
@@ -283,4 +300,29 @@ class TaskBuilder(BaseDatasetBuilder):
                 yield TxtDbExample(db_index, db, key, int(length))
 
 
-__all__ = ["TaskBuilder", "SplitContext", "ExampleRecords", "TxtDbExample", "MISSING_IMAGE_POLICIES"]
+def token_ids_used(vocab: Optional[Size], records: Any) -> Optional[Size]:
+    """``vocab`` narrowed to the ids the examples use (highest id + 1) when they are held in memory
+    (tokenised from annotations): a vocabulary with unused ids beyond the model's rows still fits."""
+    ids = getattr(records, "input_ids", None)
+    if vocab is None or not ids:
+        return vocab
+    top = max([max(x) for x in ids if len(x)] + [int(records.cls_id), int(records.sep_id)])
+    return Size(top + 1, vocab.where, f"{vocab.detail}, {vocab.value} tokens; the highest id used is {top}")
+
+
+def feature_width(img_dbs: Sequence[ImgFeatDB], dataset: str, split: str) -> Optional[Size]:
+    """The region-feature width of a split's image dbs (None when none can tell); dbs of different
+    widths are a DataError naming two of them."""
+    widths = [(db.feature_dim(), db) for db in img_dbs]
+    widths = [(dim, db) for dim, db in widths if dim is not None]
+    if not widths:
+        return None
+    first_dim, first_db = widths[0]
+    for dim, db in widths[1:]:
+        if dim != first_dim:
+            raise DataError(f"{dataset} {split}: img_db {first_db.img_dir} holds {first_dim}-d features but "
+                            f"{db.img_dir} holds {dim}-d ones; one model takes one feature width.")
+    return Size(first_dim, f"img_db {first_db.img_dir}")
+
+
+__all__ = ["TaskBuilder", "feature_width", "token_ids_used", "SplitContext", "ExampleRecords", "TxtDbExample", "MISSING_IMAGE_POLICIES"]

@@ -5,6 +5,8 @@ from typing import Any, Dict, Optional
 
 from torch import nn
 
+from villa_plugin.common.input_spec import InputSpec
+
 
 class BaseModel(nn.Module):
     """Base class for registered models.
@@ -34,6 +36,12 @@ class BaseModel(nn.Module):
 
     def build(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement build()")
+
+    def input_spec(self) -> InputSpec:
+        """The sizes of what the built model accepts (vocabulary, labels, feature width), each with
+        the config key that sets it; the trainer checks every dataset against them at set-up.
+        The default declares nothing."""
+        return InputSpec()
 
     def init_losses(self) -> None:
         from villa_plugin.losses import Losses

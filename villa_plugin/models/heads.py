@@ -15,6 +15,9 @@ trunk module. Class attributes declare what the model needs to know:
   ``pooled=None`` and freezes the trunk pooler, so DDP / ZeRO need no ``find_unused_parameters``;
 - ``embedding_growth``: an :class:`EmbeddingGrowth` when the head needs more type rows or words.
 
+An instance sets ``label_width`` when its scores are one column per label of a dataset-defined
+vocabulary (VQA's answers): the trainer checks it against the targets' width at set-up.
+
 The head's children are registered on the model under their own names, so the state-dict keys are
 the official top-level ones (``vqa_output.0.weight``, ``attn1.in_proj_weight``, ``rank_output.bias``).
 The model re-initialises a new head with the trunk's init (N(0, initializer_range), bias 0,
@@ -51,6 +54,7 @@ class TaskHead(nn.Module):
 
     def __init__(self, dims: TrunkDims, num_labels: int, head_config: Dict[str, Any]):
         super().__init__()
+        self.label_width: Optional[int] = None
 
     def forward(self, trunk: TrunkOutput, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -12,6 +12,8 @@ Model config (``model_config.<name>``, see ``configs/models/<name>/defaults.yaml
   JSON's ``hidden_dropout_prob`` / ``attention_probs_dropout_prob``); it wins over ``architecture``;
 - ``head`` (a registered head, ``vqa`` by default; see :mod:`villa_plugin.models.heads`) and
   ``num_labels`` (3129 for VQA);
+- ``img_dim``: the width of the region features (2048 for BUTD features and the released
+  checkpoints; another width builds ``img_linear`` for it, trained from scratch);
 - ``pretrained_checkpoint``: official ``.pt`` / MMF / ``.safetensors`` file loaded in ``build()``;
 - ``losses``; ``adversarial`` (read by the ``villa_free_at`` trainer, not by the model).
 
@@ -34,6 +36,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from villa_plugin.common.errors import CheckpointError, ConfigError
+from villa_plugin.common.input_spec import InputSpec, Size
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.models.base_model import BaseModel
 from villa_plugin.backbones.uniter.checkpoint_keys import (
@@ -46,6 +49,7 @@ from villa_plugin.backbones.uniter.checkpoint_keys import (
 from villa_plugin.models.heads import TaskHead, build_head, get_head_class
 from villa_plugin.models.trunk import EmbeddingGrowth, TokenLayout, TrunkDims, TrunkOutput, eval_mode
 from villa_plugin.backbones.uniter.model import (
+    IMG_DIM,
     UniterConfig,
     UniterModel,
     grow_type_embeddings,
@@ -111,7 +115,11 @@ class UNITER(BaseModel):
             self.uniter_config = UniterConfig.from_name(str(cfg.get("uniter_config", "base")), overrides)
         except ConfigError as err:
             raise ConfigError(f"{self._key('uniter_config')} / {self._key('architecture')}: {err}") from err
-        self.uniter = UniterModel(self.uniter_config)
+        self.img_dim = cfg.get("img_dim", IMG_DIM)
+        if isinstance(self.img_dim, bool) or not isinstance(self.img_dim, int) or self.img_dim < 1:
+            raise ConfigError(f"{self._key('img_dim')} must be a positive integer (the region feature width), "
+                              f"got {self.img_dim!r}.")
+        self.uniter = UniterModel(self.uniter_config, self.img_dim)
         # mask_embedding serves pretraining (masked region modelling) only: freeze it so DDP/ZeRO do
         # not wait for a gradient that fine-tuning never produces (HF AdamW skips it either way).
         self.uniter.img_embeddings.mask_embedding.weight.requires_grad_(False)
@@ -190,14 +198,27 @@ class UNITER(BaseModel):
             )
         return verdicts != {False}
 
+    def input_spec(self) -> InputSpec:
+        """Word-embedding rows before any head growth (``architecture.vocab_size``), ``num_labels``
+        (the scores' width for heads that score labels) and ``img_dim``."""
+        words = self.uniter.embeddings.word_embeddings.num_embeddings
+        grown = self.embedding_growth.extra_words if self.embedding_growth is not None else 0
+        labels = getattr(self.head, "label_width", None)
+        return InputSpec(
+            vocab_size=Size(words - grown, self._key("architecture.vocab_size")),
+            label_width=Size(labels, self._key("num_labels")) if labels else None,
+            feature_dim=Size(self.img_dim, self._key("img_dim")),
+        )
+
     @property
     def head(self) -> TaskHead:
         return self.__dict__["_head"]
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, sample_list, perturbation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """``{"scores": logits [B, num_labels]}``; ``perturbation`` = ``{"text": [B, Lt, H], "image": [B, Nb, 2048]}``
-        (either may be None or absent)."""
+        """``{"scores": logits [B, num_labels]}``; ``perturbation`` = ``{"text": [B, Lt, H], "image": [B, Nb, img_dim]}``
+        (either may be None or absent). A perturbed forward adds ``perturbed_input_norms``: the row
+        L2 norms ``[B]`` of the inputs δ is added to (word embeddings, raw region features)."""
         txt_delta, img_delta = self._split_perturbation(sample_list, perturbation)
         sequence_output = self.uniter(
             sample_list["input_ids"],
@@ -214,10 +235,16 @@ class UNITER(BaseModel):
         )
         pooled = self.uniter.pooler(sequence_output) if self.head.uses_pooler else None
         trunk = TrunkOutput(sequence_output, pooled, uniter_layout(sample_list), UniterEncoder(self.uniter))
-        return {"scores": self.head(trunk, sample_list)}
+        output = {"scores": self.head(trunk, sample_list)}
+        if txt_delta is not None or img_delta is not None:
+            output["perturbed_input_norms"] = {
+                "text": self.uniter.embeddings.perturbed_input_norm if txt_delta is not None else None,
+                "image": sample_list["img_feat"].detach().float().flatten(1).norm(dim=1) if img_delta is not None else None,
+            }
+        return output
 
     def perturbation_shapes(self, sample_list) -> Dict[str, tuple]:
-        """``{"text": (B, Lt, H), "image": (B, Nb, 2048)}`` for this batch."""
+        """``{"text": (B, Lt, H), "image": (B, Nb, img_dim)}`` for this batch."""
         input_ids, img_feat = sample_list["input_ids"], sample_list["img_feat"]
         return {
             "text": (int(input_ids.size(0)), int(input_ids.size(1)), self.uniter_config.hidden_size),

@@ -37,6 +37,7 @@ from villa_plugin.checkpoint import (
 from villa_plugin.common.config_access import setting
 from villa_plugin.common.device import select_device
 from villa_plugin.common.errors import CheckpointError, ConfigError, TrainingError
+from villa_plugin.common.input_spec import InputSpec, check_model_fits_data
 from villa_plugin.common.logger import TrainingLogger, ensure_console_logging, get_logger
 from villa_plugin.common.sample_list import SampleList
 from villa_plugin.datasets.loader import build_loader
@@ -83,14 +84,17 @@ class MMFTrainer:
         if getattr(self, "after_setup", None) is not None:  # mmf_run: now write config.yaml, train.log
             self.after_setup()
         final: Dict[str, float] = {}
+        evaluated_update, checkpoint = self.num_updates, None  # the weights the final passes score
         try:
             if plan.train:
                 self.train()
-                self._restore_best_for_final_passes(plan)
+                best_update = self._restore_best_for_final_passes(plan)
+                evaluated_update = self.num_updates if best_update is None else best_update
+                checkpoint = None if best_update is None else "best.ckpt"
             for split, wanted in (("val", plan.val), ("test", plan.test)):
                 if wanted:
                     report = self.evaluate(split)
-                    self.training_logger.log_eval(self.num_updates, report)
+                    self.training_logger.log_eval(evaluated_update, report, checkpoint=checkpoint)
                     final.update(report)
             if plan.predict:
                 self.predict("test")
@@ -118,6 +122,7 @@ class MMFTrainer:
         self.data_seed = seed if seed >= 0 else secrets.randbelow(2**31)
         self.datasets = self.build_datasets(plan)
         self.raw_model = self.build_model()
+        self.check_model_fits_data()
         self.model, self.optimizer = self.strategy.wrap(self.raw_model, self.build_optimizer)
         self.scaler = self.strategy.grad_scaler(self.precision)
         self.metric_specs = parse_metric_specs(setting(config, "evaluation.metrics") or [])
@@ -199,6 +204,14 @@ class MMFTrainer:
         raw.init_losses()
         raw.to(self.device)
         return raw
+
+    def check_model_fits_data(self) -> None:
+        """Every dataset's vocabulary, target width and feature width against the model's
+        (``input_spec()`` of both): a ConfigError naming both settings, before the first forward."""
+        model_spec = self.raw_model.input_spec() if hasattr(self.raw_model, "input_spec") else InputSpec()
+        for split, datasets in self.datasets.items():
+            for name, dataset in datasets.items():
+                check_model_fits_data(model_spec, getattr(dataset, "input_spec", InputSpec()), f"{name} ({split})")
 
     def build_optimizer(self, param_groups):
         """The optimizer of the ``optimizer`` block over ``param_groups`` (the strategy calls this
@@ -600,15 +613,19 @@ class MMFTrainer:
         self.source_sampler.load_state_dict(source or {"seed": self.data_seed, "draws": self.num_updates + self.nonfinite_skips})
         self._sync_position()
 
-    def _restore_best_for_final_passes(self, plan: RunPlan) -> None:
-        """As MMF: final val/test/predict passes use the best checkpoint when one was tracked."""
+    def _restore_best_for_final_passes(self, plan: RunPlan) -> Optional[int]:
+        """As MMF: final val/test/predict passes use the best checkpoint when one was tracked.
+        Returns the update of the weights loaded (None: the current weights are kept)."""
         early = self.callbacks.find(EarlyStoppingCallback)
         if not (plan.val or plan.test or plan.predict) or early is None or early.best_update is None:
-            return
-        if os.path.isfile(self.checkpoint_files.best):
-            weights = model_weights(load_checkpoint(self.checkpoint_files.best))
-            self._load_model_weights(weights, strict=True, source=self.checkpoint_files.best)
-            self.log.info(f"final evaluation uses best.ckpt (update {early.best_update}, {early.criteria}={early.best_value:.6g})")
+            return None
+        if not os.path.isfile(self.checkpoint_files.best):
+            return None
+        state = load_checkpoint(self.checkpoint_files.best)
+        self._load_model_weights(model_weights(state), strict=True, source=self.checkpoint_files.best)
+        update = int((state.get("counts") or {}).get("num_updates", early.best_update))
+        self.log.info(f"final evaluation uses best.ckpt (update {update}, {early.criteria}={early.best_value:.6g})")
+        return update
 
     def _load_model_weights(self, weights, strict: bool, source: str):
         """Check keys and shapes against the unwrapped model, then load through the strategy.

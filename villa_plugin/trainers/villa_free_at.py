@@ -8,7 +8,9 @@ trainer's, so ``model=uniter`` on a VILLA experiment is the baseline.
 
 Logged per update (means over micro-batches): ``train/total_loss`` (task + α·KL averaged over the
 perturbed forwards), ``train/adv/task_loss``, ``train/adv/kl``, ``train/adv/clean_task_loss``,
-``train/adv/delta_norm_<modality>`` and ``train/adv/ascent_skips``.
+``train/adv/delta_norm_<modality>``, ``train/adv/delta_ratio_<modality>`` (δ's norm over its input's,
+when the model reports it) and ``train/adv/ascent_skips``. The ``adversary_check`` callback warns once
+when the KL shows the adversary barely changes the predictions (trainers/adversary_check.py).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from villa_plugin.adversarial import AdversarialConfig, FreeATEngine
 from villa_plugin.adversarial.protocol import check_perturbable
 from villa_plugin.common.sample_list import SampleList
 from villa_plugin.registry import registry
+from villa_plugin.trainers.adversary_check import AdversaryCheckCallback
 from villa_plugin.trainers.base_trainer import MMFTrainer
 
 
@@ -37,6 +40,7 @@ class VillaFreeATTrainer(MMFTrainer):
         self.kl_reduction = self._check_model_supports_perturbations()
         if self.adv_config.adv_training:
             self.log.info(f"villa_free_at: {self.adv_config}")
+            self.callbacks.callbacks.append(AdversaryCheckCallback(self))  # last: the user's indices stay
 
     def _check_model_supports_perturbations(self) -> str:
         if not self.adv_config.adv_training:

@@ -181,7 +181,7 @@ def test_registered_with_bundled_yaml(tmp_path):
     assert cls is VQA2Builder
     conf = OmegaConf.load(cls.config_path())
     node = conf.dataset_config.vqa2
-    assert node.demo is False and node.max_txt_len == 60 and node.num_answers == 3129
+    assert node.demo is False and node.max_txt_len == 60 and node.num_answers is None  # = len(ans2label)
     assert (node.conf_th, node.max_bb, node.min_bb, node.num_bb) == (0.2, 100, 10, 36)
     full = OmegaConf.merge({"env": {"cache_dir": str(tmp_path / "c"), "data_dir": str(tmp_path / "d")}}, conf)
     builder = cls("vqa2", full.dataset_config.vqa2)
@@ -222,3 +222,31 @@ def test_missing_images_is_a_vqa2_config_key(tmp_path):
     config = build_config(["config=projects/villa/demo.yaml", f"env.cache_dir={tmp_path}",
                            "dataset_config.vqa2.missing_images=skip"], load_plugins=False)
     assert config.dataset_config.vqa2.missing_images == "skip"
+
+
+def test_input_spec_reports_vocabulary_targets_and_feature_width(tmp_path, vocab_file):
+    cfg = _json_files(tmp_path, vocab_file)
+    spec = VQA2Builder("vqa2", cfg).build_dataset("train").input_spec
+    train = VQA2Builder("vqa2", cfg).build_dataset("train")
+    top = max(max(train[i]["input_ids"]) for i in range(len(train)))
+    assert (spec.vocab_size.value, spec.vocab_size.where) == (top + 1, "dataset_config.vqa2.vocab")
+    assert spec.vocab_size.detail == f"{vocab_file}, 24 tokens; the highest id used is {top}"
+    assert (spec.label_width.value, spec.label_width.where, spec.label_width.detail) == (4, "dataset_config.vqa2.num_answers", "")
+    assert spec.feature_dim.value == 2048 and spec.feature_dim.where == f"img_db {tmp_path / 'img_db/coco'}"
+    derived = VQA2Builder("vqa2", dict(cfg, num_answers=None)).build_dataset("val").input_spec
+    assert derived.label_width.value == 4 and derived.label_width.detail == "null: the answers of ans2label.json"
+    with pytest.raises(ConfigError, match="num_answers must be an integer or null"):
+        VQA2Builder("vqa2", dict(cfg, num_answers="4")).build_dataset("val")
+
+
+def test_input_spec_of_txt_dbs_reads_meta_v_range(tmp_path):
+    img = _img_db(tmp_path, keys=(1,), nboxes=(10,))
+    meta = {"bert": "bert-base-cased", "CLS": 101, "SEP": 102, "v_range": [999, 28996]}
+    write_txt_db(str(tmp_path / "x.db"), [("1", {"input_ids": [5], "img_fname": _key(1)})], meta)
+    spec = VQA2Builder("vqa2", _base(tmp_path, txt_db={"val": ["x.db"]}, img_db={"val": [img]})).build_dataset("val").input_spec
+    assert spec.vocab_size.value == 28996 and spec.vocab_size.where == str(tmp_path / "x.db" / "meta.json")
+    img2 = _img_db(tmp_path, "img_db/narrow", keys=(1,), nboxes=(10,))
+    write_img_db(str(tmp_path / "img_db/wide"), [(_key(1), region_record(10, CONF10, dim=1024))])
+    with pytest.raises(DataError, match=r"img_db/narrow holds 2048-d features but .*img_db/wide holds 1024-d"):
+        VQA2Builder("vqa2", _base(tmp_path, txt_db={"val": ["x.db", "x.db"]},
+                                  img_db={"val": [img2, "img_db/wide"]})).build_dataset("val")

@@ -350,7 +350,7 @@ def load_uniter_checkpoint(
     if mismatches:
         raise CheckpointError(
             f"Checkpoint {source} does not fit the model: shape mismatch for {'; '.join(mismatches)}. "
-            f"Check uniter_config (base vs large) and num_labels; NLVR2/VCR must grow their embeddings "
+            f"Check uniter_config (base vs large), img_dim (img_linear's input width) and num_labels; NLVR2/VCR must grow their embeddings "
             f"(grow_type_embeddings / grow_word_embeddings) before loading fine-tuned or 2nd-stage checkpoints."
         )
     if not to_load:

@@ -152,7 +152,11 @@ def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 class UniterTextEmbeddings(nn.Module):
-    """``dropout(LN(word(ids) [+ delta] + position(pos_ids) + type(type_ids)))``."""
+    """``dropout(LN(word(ids) [+ delta] + position(pos_ids) + type(type_ids)))``.
+
+    A forward with ``delta`` leaves ``perturbed_input_norm`` ``[B]``: the row L2 norm of the word
+    embeddings δ was added to (detached), so VILLA can report δ's size relative to its input.
+    """
 
     def __init__(self, config: UniterConfig):
         super().__init__()
@@ -161,6 +165,7 @@ class UniterTextEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.perturbed_input_norm: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -175,6 +180,7 @@ class UniterTextEmbeddings(nn.Module):
         compute_dtype = words.dtype
         words = words.float()
         if delta is not None:  # VILLA text perturbation: before position/type and LayerNorm, in fp32
+            self.perturbed_input_norm = words.detach().flatten(1).norm(dim=1)  # [B], for δ's relative size
             words = words + delta.float()
         embeddings = (
             words + self.position_embeddings(position_ids).float() + self.token_type_embeddings(token_type_ids).float()

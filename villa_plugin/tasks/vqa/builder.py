@@ -17,11 +17,13 @@ tokens (counted, logged); val/test keep all.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import villa_plugin.tasks.vqa.demo as vqa_demo
 from villa_plugin.common.errors import ConfigError, DataError
+from villa_plugin.common.input_spec import InputSpec, Size
 from villa_plugin.datasets.task_builder import ExampleRecords, SplitContext, TaskBuilder
 from villa_plugin.datasets.task_common import read_json, resolve_path, split_paths
 from villa_plugin.registry import registry
@@ -56,11 +58,23 @@ class VQA2Builder(TaskBuilder):
     def answer_vocabulary(self, cfg: Dict[str, Any]) -> Tuple[List[str], int]:
         """``(label2ans, num_answers)``: the answers of ``ans2label`` and the head width."""
         label2ans = read_label2ans(resolve_path(cfg, cfg.get("ans2label"), self.dataset_name, "ans2label"))
-        num_answers = cfg.get("num_answers") or len(label2ans)
+        num_answers = cfg.get("num_answers")
+        if num_answers is None:
+            return label2ans, len(label2ans)
+        key = f"dataset_config.{self.dataset_name}.num_answers"
+        if isinstance(num_answers, bool) or not isinstance(num_answers, int):
+            raise ConfigError(f"{key} must be an integer or null (the number of answers in ans2label), got {num_answers!r}")
         if num_answers < len(label2ans):
-            raise ConfigError(f"dataset_config.{self.dataset_name}.num_answers={num_answers} is smaller than the "
-                              f"{len(label2ans)} answers in {cfg.get('ans2label')}")
-        return label2ans, int(num_answers)
+            raise ConfigError(f"{key}={num_answers} is smaller than the {len(label2ans)} answers in "
+                              f"{cfg.get('ans2label')}; set it to null to use their number")
+        return label2ans, num_answers
+
+    def input_spec(self, ctx: SplitContext, records: ExampleRecords) -> InputSpec:
+        """The common sizes plus the targets' width (``num_answers``; null: the answers of ``ans2label``)."""
+        spec = super().input_spec(ctx, records)
+        key = f"dataset_config.{self.dataset_name}.num_answers"
+        detail = "" if ctx.cfg.get("num_answers") is not None else f"null: the answers of {ctx.cfg.get('ans2label')}"
+        return dataclasses.replace(spec, label_width=Size(ctx.extra["num_answers"], key, detail))
 
     def open_split(self, cfg: Dict[str, Any], split: str) -> SplitContext:
         label2ans, num_answers = self.answer_vocabulary(cfg)  # first: the file every source needs

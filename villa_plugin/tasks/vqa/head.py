@@ -33,6 +33,7 @@ class VqaHead(TaskHead):
 
     def __init__(self, dims: TrunkDims, num_labels: int, head_config: Dict[str, Any]):
         super().__init__(dims, num_labels, head_config)
+        self.label_width = num_labels  # one score per answer of the dataset's ans2label
         self.vqa_output = two_layer_classifier(dims, num_labels, nn.GELU())  # erf GELU, as the reference's
 
     def forward(self, trunk: TrunkOutput, batch: Any) -> torch.Tensor:
