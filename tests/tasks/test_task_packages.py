@@ -51,7 +51,8 @@ def test_builder_defaults_live_in_its_package_and_declare_the_shared_keys(name):
 @pytest.mark.parametrize("name", HEADS)
 def test_heads_are_task_heads_declaring_what_the_model_needs(name):
     cls = registry.get_head_class(name)
-    _package_of(cls)
+    if not cls.__module__.startswith("villa_plugin.backbones."):  # a backbone's own heads (LXMERT's logit_fc)
+        _package_of(cls)
     assert issubclass(cls, TaskHead) and cls.module_name and cls.kl_reduction in KL_REDUCTIONS
     assert list(inspect.signature(cls.forward).parameters) == ["self", "trunk", "batch"]
 
