@@ -10,12 +10,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from models_testlib import model_and_batch
 from villa_plugin.adversarial.config import AdversarialConfig
 from villa_plugin.adversarial.protocol import check_perturbable
 from villa_plugin.backbones.lxmert.optimization import BertAdam, warmup_linear
 from villa_plugin.backbones.lxmert.task_model import LxmertForTask
 from villa_plugin.common.errors import CheckpointError, ConfigError
-from villa_plugin.config.compose import build_config
 from villa_plugin.optim import build_optimizer, build_scheduler
 from villa_plugin.registry import registry
 
@@ -25,17 +25,9 @@ TINY = ["model_config.lxmert.architecture.hidden_size=32", "model_config.lxmert.
         "model_config.lxmert.architecture.vocab_size=512"]
 
 
-def _model_and_batch(argv, tmp_path, rows=4):
-    config = build_config([*argv, f"env.cache_dir={tmp_path}"], load_plugins=False)
+def _model_and_batch(argv, tmp_path):
     torch.manual_seed(0)
-    model = registry.get_model_class(config.model)(config.model_config[config.model])
-    model.build()
-    model.init_losses()
-    name = config.datasets[0]
-    builder = registry.get_builder_class(name)(name, config.dataset_config[name])
-    builder.prepare()
-    dataset = builder.build_dataset("train")
-    return model, dataset.collate([dataset[i] for i in range(rows)])
+    return model_and_batch([*argv, f"env.cache_dir={tmp_path}"])
 
 
 def _assert_every_trainable_parameter_gets_a_gradient(model, batch):
