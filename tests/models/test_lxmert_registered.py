@@ -94,6 +94,11 @@ def test_pretrained_checkpoint_is_loaded_with_a_report(tmp_path):
         _build(_tiny_config(pretrained_checkpoint=str(tmp_path / "missing.pth")))
     with pytest.raises(ConfigError, match="answer_surgery needs both"):
         _build(_tiny_config(pretrained_checkpoint=str(path), answer_surgery={"task_answers": str(path)}))
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["yes", "no", "2"]))
+    with pytest.raises(CheckpointError, match="answer_surgery is set but .* has no pre-training QA head"):
+        _build(_tiny_config(pretrained_checkpoint=str(path),
+                            answer_surgery={"task_answers": str(answers), "pretrain_answers": str(answers)}))
     with pytest.raises(ConfigError, match="pretrained_checkpoint is empty"):
         _build(_tiny_config(answer_surgery={"task_answers": "a.json", "pretrain_answers": "b.json"}))
 

@@ -136,6 +136,12 @@ class LxmertForTask(BaseModel):
             pretrain = pretrain_answer_list(
                 read_json(answer_files["pretrain_answers"], f"{self.KEY}.answer_surgery.pretrain_answers"))
         self.load_report = load_lxmert_checkpoint(self, path, label2ans=label2ans, pretrain_answers=pretrain)
+        if label2ans is not None and not any("answer head copied" in note for note in self.load_report.notes):
+            raise CheckpointError(
+                f"{self.KEY}.answer_surgery is set but {checkpoint} ({self.load_report.layout} layout) has no "
+                f"pre-training QA head (answer_head.logit_fc.* beside cls.* / obj_predict_head.*), so nothing was "
+                f"copied. Clear answer_surgery for this file, or point pretrained_checkpoint at model_LXRT.pth."
+            )
 
     def init_losses(self) -> None:
         from villa_plugin.losses import Losses
