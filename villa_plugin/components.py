@@ -11,6 +11,7 @@ import villa_plugin.optim  # noqa: F401
 import villa_plugin.distributed  # noqa: F401
 import villa_plugin.adversarial.losses  # noqa: F401
 import villa_plugin.models.registered  # noqa: F401
+import villa_plugin.backbones.lxmert.task_model  # noqa: F401  (model lxmert, its heads, bert_adam)
 import villa_plugin.tasks  # noqa: F401  (every task package: builders, heads, metrics, task losses)
 import villa_plugin.trainers  # noqa: F401
 import villa_plugin.trainers.villa_free_at  # noqa: F401

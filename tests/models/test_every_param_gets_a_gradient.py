@@ -10,7 +10,7 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from villa_plugin.config.compose import build_config
+from models_testlib import model_and_batch
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.datasets.task_builder import TaskBuilder
 from villa_plugin.registry import registry
@@ -41,15 +41,7 @@ def test_every_task_with_a_demo_has_a_demo_project():
 def test_every_trainable_parameter_gets_a_gradient(task, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     project = demo_projects()[task]
-    config = build_config([f"config={project}", f"env.cache_dir={cache}"], load_plugins=False)
-    model = registry.get_model_class(config.model)(config.model_config[config.model])
-    model.build()
-    model.init_losses()
-    name = config.datasets[0]
-    builder = registry.get_builder_class(name)(name, config.dataset_config[name])
-    builder.prepare()
-    dataset = builder.build_dataset("train")
-    batch = dataset.collate([dataset[i] for i in range(4)])
+    model, batch = model_and_batch([f"config={project}", f"env.cache_dir={cache}"])
 
     model.train()
     output = model(batch)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter, defaultdict
 from typing import Dict, List, Tuple
 
 import pytest
 import torch
 
 from villa_plugin.cli import run
+import villa_plugin.tasks.vqa.demo as vqa_demo
 
 
 def mmf_run(capsys, config: str, tmp_path, *extra: str) -> Tuple[int, List[Dict], float]:
@@ -30,6 +32,35 @@ def final_metrics(records: List[Dict], prefix: str) -> Dict[str, float]:
     for record in records:
         values.update({k: v for k, v in record.items() if k.startswith(prefix)})
     return values
+
+
+def vqa_question_only_prior(root) -> float:
+    """Val vqa-accuracy of answering each question text with its most frequent train answer, on the
+    VQA demo materialised under ``root`` (a model that ignores the regions cannot beat it)."""
+    return _vqa_prior_accuracy(root, lambda text: text)
+
+
+def vqa_majority_answer(root) -> float:
+    """Val vqa-accuracy of always answering the most frequent train answer (the VQA demo under ``root``)."""
+    return _vqa_prior_accuracy(root, lambda text: "")
+
+
+def _vqa_prior_accuracy(root, group_of) -> float:
+    p = vqa_demo.paths(str(root))
+
+    def pairs(split):
+        questions = json.load(open(p["splits"][split]["questions"]))["questions"]
+        anns = {a["question_id"]: a for a in json.load(open(p["splits"][split]["annotations"]))["annotations"]}
+        return [(group_of(q["question"]), [a["answer"] for a in anns[q["question_id"]]["answers"]]) for q in questions]
+
+    votes = defaultdict(Counter)
+    for group, answers in pairs("train"):
+        votes[group].update(answers)
+    scores = []
+    for group, answers in pairs("val"):
+        guess = votes[group].most_common(1)[0][0] if group in votes else "yes"
+        scores.append(min(1.0, answers.count(guess) / 3))
+    return sum(scores) / len(scores)
 
 
 @pytest.fixture(autouse=True)

@@ -9,13 +9,12 @@ questions are answered from the regions, counting and "is there" come later in t
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
 
 import pytest
 import torch
 
+from demo_task_runner import vqa_question_only_prior as _question_only_prior
 from villa_plugin import cli
-import villa_plugin.tasks.vqa.demo as demo
 
 SHORT_SCHEDULE = (
     "training.max_updates=300",
@@ -51,25 +50,6 @@ def _run_demo(cache_dir, save_dir, monkeypatch, *extra):
     with open(save_dir / "train.log", encoding="utf-8") as handle:
         records = [json.loads(line[line.index('{"update"'):]) for line in handle if '{"update"' in line]
     return code, records
-
-
-def _question_only_prior(root) -> float:
-    """Val vqa-accuracy of answering each question text with its most frequent train answer."""
-    p = demo.paths(str(root))
-
-    def pairs(split):
-        questions = json.load(open(p["splits"][split]["questions"]))["questions"]
-        anns = {a["question_id"]: a for a in json.load(open(p["splits"][split]["annotations"]))["annotations"]}
-        return [(q["question"], [a["answer"] for a in anns[q["question_id"]]["answers"]]) for q in questions]
-
-    votes = defaultdict(Counter)
-    for text, answers in pairs("train"):
-        votes[text].update(answers)
-    scores = []
-    for text, answers in pairs("val"):
-        guess = votes[text].most_common(1)[0][0] if text in votes else "yes"
-        scores.append(min(1.0, answers.count(guess) / 3))
-    return sum(scores) / len(scores)
 
 
 def _final_accuracy(records):

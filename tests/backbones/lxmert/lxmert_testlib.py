@@ -15,7 +15,7 @@ def make_model(head: str = "vqa", seed: int = 0, attn: str = "eager", dropout: f
     torch.manual_seed(seed)
     num_labels = 2 if head == "nlvr2" else N_ANSWERS
     model = build_lxmert_for_task(
-        {"architecture": dict(TINY, attn_implementation=attn), "dropout": dropout, "head": head, "num_labels": num_labels}
+        {"architecture": dict(TINY, attn_implementation=attn), "dropout": dropout, "head": f"lxmert_{head}", "num_labels": num_labels}
     )
     model.train()
     return model

@@ -123,7 +123,7 @@ def test_hf_keys_load_into_a_bare_trunk():
 def test_full_size_official_key_names_and_shapes():
     """The 449 official ``bert.*`` keys (lxmert.md §3.1) come out of the full-size model."""
     with torch.device("meta"):
-        model = build_lxmert_for_task({"head": "vqa", "num_labels": 3129})
+        model = build_lxmert_for_task({"head": "lxmert_vqa", "num_labels": 3129})
     state = export_state_dict(model, "official_pretrained", multi_gpu=True)
     assert len(state) == 449 and all(k.startswith("module.bert.") for k in state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}

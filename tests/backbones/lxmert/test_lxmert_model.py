@@ -67,7 +67,7 @@ def test_uniter_box_layout_uses_its_first_four_columns():
 def test_full_size_counts_match_the_reference():
     with torch.device("meta"):
         trunk = LxmertModel(LxmertConfig())
-        task = build_lxmert_for_task({"head": "vqa", "num_labels": 3129})
+        task = build_lxmert_for_task({"head": "lxmert_vqa", "num_labels": 3129})
     assert len(trunk.state_dict()) == 449
     assert sum(p.numel() for p in trunk.parameters()) == 207_936_768
     assert sum(p.numel() for p in task.logit_fc.parameters()) == 5_993_529
@@ -91,9 +91,11 @@ def test_perturbation_contract():
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="num_labels: 2"):
-        build_lxmert_for_task({"architecture": TINY, "head": "nlvr2", "num_labels": 3})
-    with pytest.raises(ConfigError, match="known heads"):
-        build_lxmert_for_task({"architecture": TINY, "head": "vcr"})
+        build_lxmert_for_task({"architecture": TINY, "head": "lxmert_nlvr2", "num_labels": 3})
+    with pytest.raises(ConfigError, match=r"not an LXMERT head.*lxmert_gqa.*lxmert_nlvr2.*lxmert_vqa"):
+        build_lxmert_for_task({"architecture": TINY, "head": "vcr"})  # UNITER's
+    with pytest.raises(ConfigError, match="model_config.<model>.head.*no_such_head"):
+        build_lxmert_for_task({"architecture": TINY, "head": "no_such_head"})
     with pytest.raises(ConfigError, match="unknown LXMERT config key"):
         build_lxmert_for_task({"architecture": dict(TINY, num_layers=3)})
     with pytest.raises(ConfigError, match="multiple"):

@@ -120,3 +120,19 @@ def test_boxes_outside_the_image_are_an_error():
     assert np.allclose(normalise_boxes(boxes, 480, 640), [[0, 0, 1, 1]])
     with pytest.raises(DataError, match="swapped"):
         normalise_boxes(boxes, 640, 480)
+
+
+def test_tsv_converts_to_the_img_db_the_task_builders_read(tsv, tmp_path):
+    from villa_plugin.backbones.lxmert.tsv import tsv_to_img_db
+    from villa_plugin.datasets.features import ImgFeatDB
+
+    path, records = tsv
+    tsv_to_img_db([path], str(tmp_path / "img_db"), key_format="{img_id}.npz")
+    db = ImgFeatDB(str(tmp_path / "img_db"), conf_th=-1, max_bb=36, min_bb=36, num_bb=36)
+    record = records[1]
+    feat, pos = db["2375429.npz"]
+    assert feat.shape == (N, 2048) and pos.shape == (N, 7)
+    expected = torch.from_numpy(record["features"]).half().float()  # the img_db stores fp16
+    assert torch.equal(feat.float(), expected)
+    boxes = torch.from_numpy(record["boxes"] / np.array([200, 300, 200, 300], dtype=np.float32))
+    assert torch.allclose(pos[:, :4].float(), boxes, atol=1e-3)  # LXMERT reads these 4 columns

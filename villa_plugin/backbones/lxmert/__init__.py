@@ -1,6 +1,6 @@
 """LXMERT as a second VILLA backbone: trunk, task heads, checkpoint key maps, obj36 TSV reader."""
 from villa_plugin.backbones.lxmert.config import LxmertConfig
-from villa_plugin.backbones.lxmert.heads import LXMERT_HEADS, LxmertLogitHead, get_lxmert_head
+from villa_plugin.backbones.lxmert.heads import LxmertHead, LxmertLogitHead
 from villa_plugin.backbones.lxmert.modeling import LxmertModel, LxmertOutput
 from villa_plugin.backbones.lxmert.task_model import LxmertForTask, build_lxmert_for_task
 
@@ -10,7 +10,6 @@ __all__ = [
     "LxmertOutput",
     "LxmertForTask",
     "LxmertLogitHead",
-    "LXMERT_HEADS",
+    "LxmertHead",
     "build_lxmert_for_task",
-    "get_lxmert_head",
 ]

@@ -12,10 +12,22 @@ Per parameter with a gradient (``.grad is None``: no update, no decay, no step c
 
 Gradient clipping is not part of the optimizer (the reference clips the total norm to 5.0 before
 ``step``).
+
+Registered as optimizer ``bert_adam`` (``betas`` / ``eps``, MMF's names, are accepted for ``b1, b2``
+/ ``e``) and scheduler ``bert_warmup_linear``: the plugin's ``warmup_linear`` one update late, so
+update ``n`` runs with the official factor ``s((n − 1) / T)`` (update 1: lr 0, which the plugin's
+schedules floor at 1e-8). With the scheduler, keep ``t_total: -1`` so the two schedules do not
+multiply. Official LXMERT runs: ``optimizer.no_decay: []`` (decay on every parameter), ``warmup_steps``
+= 10 % of ``max_updates``.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
+
+from villa_plugin.optim import WarmupLinear
+from villa_plugin.registry import registry
 
 
 def warmup_linear(x: float, warmup: float) -> float:
@@ -25,11 +37,18 @@ def warmup_linear(x: float, warmup: float) -> float:
     return max((x - 1.0) / (warmup - 1.0), 0.0)
 
 
+@registry.register_optimizer("bert_adam")
 class BertAdam(torch.optim.Optimizer):
-    """``BertAdam(params, lr, warmup=0.1, t_total=-1, b1=0.9, b2=0.999, e=1e-6, weight_decay=0.01)``."""
+    """``BertAdam(params, lr, warmup=0.1, t_total=-1, b1=0.9, b2=0.999, e=1e-6, weight_decay=0.01)``;
+    ``betas=(b1, b2)`` and ``eps=e`` win over ``b1, b2, e`` when given."""
 
     def __init__(self, params, lr: float, warmup: float = 0.1, t_total: int = -1, b1: float = 0.9,
-                 b2: float = 0.999, e: float = 1e-6, weight_decay: float = 0.01):
+                 b2: float = 0.999, e: float = 1e-6, weight_decay: float = 0.01,
+                 betas: Optional[Sequence[float]] = None, eps: Optional[float] = None):
+        if betas is not None:
+            b1, b2 = (float(b) for b in betas)
+        if eps is not None:
+            e = float(eps)
         if not lr >= 0.0:
             raise ValueError(f"BertAdam lr must be >= 0, got {lr}")
         if not 0.0 <= warmup < 1.0:
@@ -76,4 +95,13 @@ class BertAdam(torch.optim.Optimizer):
         return loss
 
 
-__all__ = ["BertAdam", "warmup_linear"]
+@registry.register_scheduler("bert_warmup_linear")
+class BertWarmupLinear(WarmupLinear):
+    """The official BertAdam schedule (steps counted from 0): update ``n`` gets ``warmup_linear``'s
+    factor of update ``n − 1``, so the first update has lr 0 (floored at 1e-8)."""
+
+    def factor(self, step: int) -> float:
+        return super().factor(step - 1)
+
+
+__all__ = ["BertAdam", "BertWarmupLinear", "warmup_linear"]

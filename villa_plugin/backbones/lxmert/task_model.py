@@ -1,12 +1,18 @@
-"""LXMERT trunk + one task head, trainable by VILLA (implements the ``Perturbable`` contract).
+"""LXMERT trunk + one task head, registered as model ``lxmert``; trainable by VILLA (``Perturbable``).
 
-Model config (a mapping; ``model_config.lxmert`` once the model is registered):
+Model config (``model_config.lxmert``, see ``configs/models/lxmert/defaults.yaml``):
 
 - ``architecture``: overrides of :class:`LxmertConfig` (``null`` keeps the default), e.g. a tiny
   ``{hidden_size: 32, num_attention_heads: 4, intermediate_size: 64, l_layers: 2, r_layers: 1, x_layers: 2}``;
 - ``dropout``: p of every dropout in the trunk (``null`` keeps the architecture's values);
-- ``head``: ``vqa`` | ``gqa`` | ``nlvr2`` and ``num_labels`` (3129 VQA, 1842 GQA, 2 NLVR2);
-- ``losses``: MMF loss specs (default: the head's official task loss).
+- ``head``: a registered LXMERT head (:class:`LxmertHead`: ``lxmert_vqa``, ``lxmert_gqa``,
+  ``lxmert_nlvr2``) and ``num_labels`` (3129 VQA, 1842 GQA, 2 NLVR2);
+- ``losses``: MMF loss specs (null: the head's official task loss, ``default_losses``);
+- ``pretrained_checkpoint``: an official / HF / plugin file loaded in ``build()`` through
+  :func:`load_lxmert_checkpoint` (its :class:`LoadReport` is ``self.load_report``);
+  ``answer_surgery.{task_answers, pretrain_answers}``: with a pre-trained file, copy its 9,500-answer
+  QA head into the task head (``--loadLXMERTQA``); both empty: the QA head is ignored (``--loadLXMERT``);
+- ``adversarial``: read by the ``villa_free_at`` trainer (``adv_training: false`` = plain LXMERT).
 
 Batch keys: ``input_ids`` [R, Lt] (0 = [PAD]); optional ``input_mask`` [R, Lt] (default
 ``input_ids != 0``); ``img_feat`` [R, Nb, D]; ``img_pos_feat`` [R, Nb, 4] (x1/W, y1/H, x2/W, y2/H)
@@ -27,15 +33,25 @@ plain modality sets handled by the engine: text-only perturbs the text and nothi
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import json
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from villa_plugin.backbones.lxmert import optimization  # noqa: F401  (registers bert_adam)
+from villa_plugin.backbones.lxmert.answer_table import pretrain_answer_list
 from villa_plugin.backbones.lxmert.config import LxmertConfig
-from villa_plugin.backbones.lxmert.heads import LxmertHeadSpec, build_lxmert_head, get_lxmert_head
-from villa_plugin.backbones.lxmert.modeling import LxmertModel
-from villa_plugin.common.errors import ConfigError
+from villa_plugin.backbones.lxmert.heads import LxmertHead
+from villa_plugin.backbones.lxmert.keys import load_lxmert_checkpoint
+from villa_plugin.backbones.lxmert.modeling import LxmertModel, init_lxmert_weights
+from villa_plugin.common.errors import CheckpointError, ConfigError, DataError
+from villa_plugin.config.paths import bundled_path
 from villa_plugin.models.base_model import BaseModel
+from villa_plugin.models.heads import build_head, get_head_class
+from villa_plugin.models.trunk import TokenLayout, TrunkDims, TrunkOutput
+from villa_plugin.optim import build_param_groups
+from villa_plugin.registry import registry
 
 PERTURBATION_KEYS = ("text", "image")
 BOX_COLUMNS = 4
@@ -53,13 +69,25 @@ def _plain(config: Any) -> Dict[str, Any]:
     return dict(config or {})
 
 
+@registry.register_model("lxmert")
 class LxmertForTask(BaseModel):
-    """``self.lxmert`` (:class:`LxmertModel`) + ``self.logit_fc`` (the official head).
+    """``self.lxmert`` (:class:`LxmertModel`) + the head's ``self.logit_fc`` (the official head).
 
-    After ``build()``: ``lxmert_config``, ``head_spec``, ``kl_reduction`` (the head's VILLA KL
-    convention). State-dict keys: ``lxmert.<official suffix>`` and ``logit_fc.{0,2,3}.*`` (HF's
-    names for the trunk; the official fine-tuned names for the head).
+    After ``build()``: ``lxmert_config``, ``head`` (the :class:`LxmertHead`), ``kl_reduction`` (the
+    head's VILLA KL convention), ``load_report`` (or None). State-dict keys: ``lxmert.<official
+    suffix>`` and ``logit_fc.{0,2,3}.*`` (HF's names for the trunk; the official fine-tuned names for
+    the head).
     """
+
+    KEY = "model_config.lxmert"
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.load_report = None
+
+    @classmethod
+    def config_path(cls) -> str:
+        return bundled_path("configs/models/lxmert/defaults.yaml")
 
     def build(self) -> None:
         cfg = _plain(self.config)
@@ -67,19 +95,65 @@ class LxmertForTask(BaseModel):
         dropout = cfg.get("dropout", None)
         if dropout is not None:
             if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
-                raise ConfigError(f"LXMERT dropout must be a probability in [0, 1) or null, got {dropout!r}.")
+                raise ConfigError(f"{self.KEY}.dropout must be a probability in [0, 1) or null, got {dropout!r}.")
             overrides.update(hidden_dropout_prob=float(dropout), attention_probs_dropout_prob=float(dropout))
-        self.lxmert_config = LxmertConfig.from_dict(overrides, source="LXMERT architecture")
-        self.head_spec: LxmertHeadSpec = get_lxmert_head(str(cfg.get("head", "vqa")))
+        self.lxmert_config = LxmertConfig.from_dict(overrides, source=f"{self.KEY}.architecture")
         self.lxmert = LxmertModel(self.lxmert_config, visual_output=False)
-        self.logit_fc = build_lxmert_head(self.head_spec, self.lxmert_config, cfg.get("num_labels", 3129))
-        self.kl_reduction = self.head_spec.kl_reduction
+        head_cls = lxmert_head_class(str(cfg.get("head", "lxmert_vqa")))
+        head = build_head(head_cls, TrunkDims.of(self.lxmert_config), cfg.get("num_labels", 3129), cfg,
+                          init_lxmert_weights)
+        for child_name, child in head.named_children():  # logit_fc: the official key names
+            self.add_module(child_name, child)
+        object.__setattr__(self, "_head", head)  # a view for forward, not a submodule
+        self.kl_reduction = head_cls.kl_reduction
+        self._load_pretrained(cfg)
+
+    @property
+    def head(self) -> LxmertHead:
+        return self.__dict__["_head"]
+
+    def _load_pretrained(self, cfg: Dict[str, Any]) -> None:
+        checkpoint = cfg.get("pretrained_checkpoint") or ""
+        surgery = cfg.get("answer_surgery") or {}
+        answer_files = {k: surgery.get(k) or "" for k in ("task_answers", "pretrain_answers")}
+        if not checkpoint:
+            if any(answer_files.values()):
+                raise ConfigError(f"{self.KEY}.answer_surgery is set but {self.KEY}.pretrained_checkpoint is empty: "
+                                  f"the surgery copies the pre-trained QA head. Set both, or clear answer_surgery.")
+            return
+        path = os.path.expanduser(str(checkpoint))
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"{self.KEY}.pretrained_checkpoint = {checkpoint}: file not found (resolved to "
+                f"{os.path.abspath(path)}). Fix the path, or set it to \"\" to start from random weights."
+            )
+        if any(answer_files.values()) and not all(answer_files.values()):
+            raise ConfigError(f"{self.KEY}.answer_surgery needs both task_answers and pretrain_answers "
+                              f"(got {answer_files}).")
+        label2ans = pretrain = None
+        if all(answer_files.values()):
+            label2ans = read_answer_list(answer_files["task_answers"], f"{self.KEY}.answer_surgery.task_answers")
+            pretrain = pretrain_answer_list(
+                read_json(answer_files["pretrain_answers"], f"{self.KEY}.answer_surgery.pretrain_answers"))
+        self.load_report = load_lxmert_checkpoint(self, path, label2ans=label2ans, pretrain_answers=pretrain)
+        if label2ans is not None and not any("answer head copied" in note for note in self.load_report.notes):
+            raise CheckpointError(
+                f"{self.KEY}.answer_surgery is set but {checkpoint} ({self.load_report.layout} layout) has no "
+                f"pre-training QA head (answer_head.logit_fc.* beside cls.* / obj_predict_head.*), so nothing was "
+                f"copied. Clear answer_surgery for this file, or point pretrained_checkpoint at model_LXRT.pth."
+            )
 
     def init_losses(self) -> None:
         from villa_plugin.losses import Losses
 
-        specs = _plain(self.config).get("losses") or self.head_spec.losses
+        specs = _plain(self.config).get("losses") or self.head.default_losses
         self.losses = Losses(specs)
+
+    def get_optimizer_parameters(self, optimizer_config) -> list:
+        """``villa_plugin.optim.build_param_groups`` (the official LXMERT runs: ``no_decay: []``, one group)."""
+        if hasattr(optimizer_config, "get") and optimizer_config.get("params") is None and optimizer_config.get("optimizer"):
+            optimizer_config = optimizer_config.get("optimizer")  # the full config was passed
+        return build_param_groups(self, optimizer_config)
 
     # -- inputs ---------------------------------------------------------------------------
     @staticmethod
@@ -140,7 +214,9 @@ class LxmertForTask(BaseModel):
             txt_delta=txt_delta,
             img_delta=img_delta,
         )
-        return {"scores": self.logit_fc(output.pooled)}
+        layout = TokenLayout(attn_masks=self.text_mask(batch).long(), text_width=int(batch["input_ids"].size(1)),
+                             image_width=0, packed=False)
+        return {"scores": self.head(TrunkOutput(output.language, output.pooled, layout), batch)}
 
     def _split_perturbation(self, batch, perturbation):
         if perturbation is None:
@@ -156,6 +232,36 @@ class LxmertForTask(BaseModel):
         return perturbation.get("text"), perturbation.get("image")
 
 
+def lxmert_head_class(name: str) -> type:
+    """The registered head ``name``; it must be an :class:`LxmertHead` (UNITER's heads read UNITER's
+    joint sequence, type rows or re-encode rows, which the LXMERT trunk does not provide)."""
+    head_cls = get_head_class(name)
+    if not issubclass(head_cls, LxmertHead):
+        lxmert_heads = [n for n in registry.names("head") if issubclass(registry.get_head_class(n), LxmertHead)]
+        raise ConfigError(f'model_config.lxmert.head = "{name}" is a head for UNITER\'s joint sequence, not an LXMERT '
+                          f"head (pooled language [CLS]); use one of {lxmert_heads}.")
+    return head_cls
+
+
+def read_json(path: str, key: str) -> Any:
+    """A JSON file named by config ``key``; DataError naming both when it is missing or malformed."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{key} = {path}: cannot read it as JSON ({err}).") from err
+
+
+def read_answer_list(path: str, key: str) -> List[str]:
+    """Task answers by label: a JSON list (``label2ans``) or dict ``{answer: label}`` (``ans2label``)."""
+    data = read_json(path, key)
+    if isinstance(data, list):
+        return [str(a) for a in data]
+    if isinstance(data, dict) and sorted(data.values()) == list(range(len(data))):
+        return [a for a, _ in sorted(data.items(), key=lambda item: item[1])]
+    raise DataError(f"{key} = {path}: expected a list of answers or an {{answer: label}} dict with labels 0..n-1.")
+
+
 def build_lxmert_for_task(config: Dict[str, Any]) -> LxmertForTask:
     """``LxmertForTask(config)`` built and with its losses initialised."""
     model = LxmertForTask(config)
@@ -164,4 +270,4 @@ def build_lxmert_for_task(config: Dict[str, Any]) -> LxmertForTask:
     return model
 
 
-__all__ = ["LxmertForTask", "build_lxmert_for_task"]
+__all__ = ["LxmertForTask", "build_lxmert_for_task", "lxmert_head_class", "read_answer_list"]

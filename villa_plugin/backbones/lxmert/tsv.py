@@ -233,7 +233,32 @@ class ObjTsvFeatures:
         return state
 
 
+def tsv_to_img_db(tsv_paths: Sequence[str], img_dir: str, key_format: str = "{img_id}", num_bb: int = 36) -> str:
+    """Convert obj36 TSVs into one UNITER-format img_db (what the task builders read), keyed by
+    ``key_format`` filled with each ``img_id``. Boxes become ``norm_bb`` ``(x1, y1, x2, y2, w, h)``
+    divided by (W, H); ``conf`` is ``objects_conf``; the first ``num_bb`` boxes are kept (the dataset
+    config then reads it with ``conf_th: -1, num_bb: 36``). The img_db stores fp16: features are rounded once (relative error
+    ≤ 2⁻¹¹); read the TSV with :class:`ObjTsvFeatures` where exact fp32 matters. Returns the LMDB path.
+    """
+    from villa_plugin.datasets.features import write_img_db
+
+    def records():
+        for path in tsv_paths:
+            for row in iter_obj_tsv(path):
+                where = f"{path}, image {row['img_id']}"
+                boxes = normalise_boxes(row["boxes"], row["img_h"], row["img_w"], where)
+                sizes = boxes[:, 2:4] - boxes[:, 0:2]
+                yield key_format.format(img_id=row["img_id"]), {
+                    "features": np.asarray(row["features"], dtype=np.float32),
+                    "norm_bb": np.concatenate([boxes, sizes], axis=1).astype(np.float32),
+                    "conf": np.asarray(row["objects_conf"], dtype=np.float32).reshape(-1, 1),
+                }
+
+    return write_img_db(img_dir, records(), conf_th=-1, max_bb=num_bb, min_bb=num_bb, num_bb=num_bb)
+
+
 __all__ = [
+    "tsv_to_img_db",
     "FIELDNAMES",
     "ARRAY_FIELDS",
     "ObjTsvFeatures",
@@ -243,3 +268,21 @@ __all__ = [
     "normalise_boxes",
     "write_obj_tsv",
 ]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m villa_plugin.backbones.lxmert.tsv IN.tsv [IN.tsv ...] --out IMG_DB_DIR [--key-format F]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Convert LXMERT obj36 TSVs into a UNITER-format img_db.")
+    parser.add_argument("tsv", nargs="+", help="obj36 TSV files")
+    parser.add_argument("--out", required=True, help="img_db directory to write")
+    parser.add_argument("--key-format", default="{img_id}", help="image key, e.g. {img_id} (GQA) or {img_id}.npz")
+    parser.add_argument("--num-bb", type=int, default=36)
+    args = parser.parse_args(argv)
+    print(tsv_to_img_db(args.tsv, args.out, args.key_format, args.num_bb))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
