@@ -51,3 +51,26 @@ def test_features_of_another_width_than_img_dim_are_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=rf"64-d \(img_db {tmp_path / 'img_db'}\) but the model takes 2048-d "
                                           r"features \(model_config.uniter.img_dim\)\. Set model_config.uniter.img_dim=64"):
         _trainer(tmp_path, feature_dim=64).setup(RunPlan.parse("train"))
+
+
+LXMERT_TINY = ["model_config.lxmert.architecture.hidden_size=16", "model_config.lxmert.architecture.num_attention_heads=2",
+               "model_config.lxmert.architecture.intermediate_size=32", "model_config.lxmert.architecture.l_layers=1",
+               "model_config.lxmert.architecture.r_layers=1", "model_config.lxmert.architecture.x_layers=1",
+               "model_config.lxmert.architecture.vocab_size=16", "model_config.lxmert.num_labels=3"]
+
+
+def _lxmert_trainer(tmp_path, *overrides, **data):
+    return MMFTrainer(vqa_config(tmp_path, *overrides, model="lxmert", model_args=LXMERT_TINY, **data))
+
+
+def test_lxmert_declares_its_sizes_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"scores 5 labels \(model_config.lxmert.num_labels\) but the targets have 3"):
+        _lxmert_trainer(tmp_path / "labels", "model_config.lxmert.num_labels=5").setup(RunPlan.parse("train"))
+    with pytest.raises(ConfigError, match=r"64-d .* but the model takes 2048-d features \(model_config.lxmert.architecture.visual_feat_dim\)"):
+        _lxmert_trainer(tmp_path / "width", feature_dim=64).setup(RunPlan.parse("train"))
+    bigger = [t for t in TOKENS if t != "dog"] + [f"word{i}" for i in range(10)] + ["dog"]
+    with pytest.raises(ConfigError, match=r"model_config.lxmert.architecture.vocab_size = 16"):
+        _lxmert_trainer(tmp_path / "vocab", vocab_tokens=bigger).setup(RunPlan.parse("train"))
+    trainer = _lxmert_trainer(tmp_path / "fits")
+    trainer.run()
+    assert trainer.num_updates == 2

@@ -27,8 +27,16 @@ def write_data(root, feature_dim=2048, vocab_tokens=TOKENS, feature_scale=1.0):
     return write_vqa_json(str(root), "train", questions, answers)
 
 
-def vqa_config(tmp_path, *overrides, model="uniter", **data):
-    """The composed config of a 2-update run of ``model`` on data written by :func:`write_data`."""
+def tiny_uniter_args(model: str) -> list:
+    """A 1-layer, 16-wide UNITER with 16 words and 3 labels under ``model_config.<model>``."""
+    return [f"model_config.{model}.architecture.vocab_size=16", f"model_config.{model}.architecture.hidden_size=16",
+            f"model_config.{model}.architecture.num_hidden_layers=1", f"model_config.{model}.architecture.num_attention_heads=2",
+            f"model_config.{model}.architecture.intermediate_size=32", f"model_config.{model}.num_labels=3"]
+
+
+def vqa_config(tmp_path, *overrides, model="uniter", model_args=None, **data):
+    """The composed config of a 2-update run of ``model`` on data written by :func:`write_data`
+    (``model_args``: the model's size settings, a tiny UNITER by default)."""
     q, a = write_data(tmp_path, **data)
     config = build_config([
         f"model={model}", "dataset=vqa2", "run_type=train", f"env.save_dir={tmp_path / 'save'}",
@@ -36,9 +44,7 @@ def vqa_config(tmp_path, *overrides, model="uniter", **data):
         "dataset_config.vqa2.vocab=vocab.txt", "dataset_config.vqa2.ans2label=ans2label.json",
         f"dataset_config.vqa2.questions.train=[{q}]", f"dataset_config.vqa2.annotations.train=[{a}]",
         "dataset_config.vqa2.img_db.train=[img_db]", 'dataset_config.vqa2.img_key_format="{image_id}.npz"',
-        f"model_config.{model}.architecture.vocab_size=16", f"model_config.{model}.architecture.hidden_size=16",
-        f"model_config.{model}.architecture.num_hidden_layers=1", f"model_config.{model}.architecture.num_attention_heads=2",
-        f"model_config.{model}.architecture.intermediate_size=32", f"model_config.{model}.num_labels=3",
+        *(tiny_uniter_args(model) if model_args is None else model_args),
         "training.max_updates=2", "training.batching=fixed", "training.batch_size=4", "training.num_workers=0",
         "training.pin_memory=false", "training.precision=fp32", "training.tensorboard=false",
         "training.evaluation_interval=0", "training.checkpoint_interval=0", "training.early_stop.criteria=",

@@ -76,6 +76,10 @@ class LxmertVqaHead(LxmertHead):
 
     kl_reduction = "mean_times_classes"
 
+    def __init__(self, dims: TrunkDims, num_labels: int, head_config: Dict[str, Any]):
+        super().__init__(dims, num_labels, head_config)
+        self.label_width = num_labels  # one score per answer of the dataset's answer vocabulary
+
 
 @registry.register_head("lxmert_gqa")
 class LxmertGqaHead(LxmertVqaHead):

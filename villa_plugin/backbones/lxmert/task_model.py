@@ -46,6 +46,7 @@ from villa_plugin.backbones.lxmert.heads import LxmertHead
 from villa_plugin.backbones.lxmert.keys import load_lxmert_checkpoint
 from villa_plugin.backbones.lxmert.modeling import LxmertModel, init_lxmert_weights
 from villa_plugin.common.errors import CheckpointError, ConfigError, DataError
+from villa_plugin.common.input_spec import InputSpec, Size
 from villa_plugin.config.paths import bundled_path
 from villa_plugin.models.base_model import BaseModel
 from villa_plugin.models.heads import build_head, get_head_class
@@ -111,6 +112,16 @@ class LxmertForTask(BaseModel):
     @property
     def head(self) -> LxmertHead:
         return self.__dict__["_head"]
+
+    def input_spec(self) -> InputSpec:
+        """Word-embedding rows (``architecture.vocab_size``), ``num_labels`` for heads that score a
+        dataset's labels, and the region-feature width (``architecture.visual_feat_dim``)."""
+        labels = getattr(self.head, "label_width", None)
+        return InputSpec(
+            vocab_size=Size(self.lxmert.embeddings.word_embeddings.num_embeddings, f"{self.KEY}.architecture.vocab_size"),
+            label_width=Size(labels, f"{self.KEY}.num_labels") if labels else None,
+            feature_dim=Size(self.lxmert_config.visual_feat_dim, f"{self.KEY}.architecture.visual_feat_dim"),
+        )
 
     def _load_pretrained(self, cfg: Dict[str, Any]) -> None:
         checkpoint = cfg.get("pretrained_checkpoint") or ""
