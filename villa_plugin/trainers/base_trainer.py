@@ -45,6 +45,7 @@ from villa_plugin.metrics import parse_metric_specs
 from villa_plugin.optim import build_optimizer as optimizer_from_config, build_scheduler
 from villa_plugin.registry import registry
 from villa_plugin.trainers.callbacks import EarlyStoppingCallback, build_callbacks
+from villa_plugin.trainers.compile import compile_model, log_compile_stats
 from villa_plugin.trainers.phase_timer import PhaseTimer, maybe_phase
 from villa_plugin.trainers.runtime import RunPlan, autocast, cfg, check_precision
 from villa_plugin.trainers.train_streams import DatasetStream, build_source_sampler
@@ -201,6 +202,7 @@ class MMFTrainer:
         raw.build()
         raw.init_losses()
         raw.to(self.device)
+        compile_model(raw, config)
         return raw
 
     def build_optimizer(self, param_groups):
@@ -269,6 +271,7 @@ class MMFTrainer:
             elif not self.run_update():
                 self.stop_reason = f"reached max_epochs={self.max_epochs}"
         self.log.info(f"training stopped at update {self.num_updates}: {self.stop_reason}")
+        log_compile_stats(self.config)
         self.callbacks.call("on_train_end")
 
     def request_stop(self, reason: str) -> None:
