@@ -246,6 +246,7 @@ def run_train(args) -> Dict[str, Any]:
 
         dynamo.reset()
         dynamo.utils.counters.clear()
+    _init_single_process_group(config, save_dir)
     trainer = registry.get_trainer_class(config.training.trainer)(config)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     trainer.phase_timer = PhaseTimer(device)
@@ -265,11 +266,26 @@ def run_train(args) -> Dict[str, Any]:
 
         report["graphs"] = int(dynamo.utils.counters["stats"].get("unique_graphs", 0))
     report.update(
-        suite="train", mode=args.mode, size=args.size, precision=args.precision, compile=bool(args.compile),
+        suite="train", strategy=str(config.distributed.strategy), mode=args.mode, size=args.size, precision=args.precision, compile=bool(args.compile),
         device=_device_name(device), tokens_per_micro_batch=int(config.training.batch_size_tokens),
         update_frequency=args.update_frequency, workers=args.workers, adv_steps=args.adv_steps if args.mode == "villa" else 0,
     )
     return report
+
+
+def _init_single_process_group(config, workdir: str) -> None:
+    """A one-rank process group for a sharding strategy at world size 1 (mmf_run's launcher only
+    initialises one under torchrun with WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    if str(config.distributed.strategy) == "none" or dist.is_initialized():
+        return
+    backend = "nccl" if str(config.training.device).startswith("cuda") else "gloo"
+    os.makedirs(workdir, exist_ok=True)
+    rendezvous = os.path.join(workdir, f"rendezvous_{os.getpid()}")
+    if os.path.exists(rendezvous):
+        os.remove(rendezvous)
+    dist.init_process_group(backend, init_method="file://" + rendezvous, rank=0, world_size=1)
 
 
 def run_data(args) -> Dict[str, Any]:
