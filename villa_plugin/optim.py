@@ -72,43 +72,39 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state, step_size = self._advance(p, group)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
                 exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
                 denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    step = state["step"]
-                    step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
                 p.addcdiv_(exp_avg, denom, value=-step_size)
                 if group["weight_decay"] > 0.0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
+
+    def _advance(self, p: torch.Tensor, group: Dict[str, Any]):
+        """``p``'s state (created on first use) with its step counted, and this step's size."""
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamW does not support sparse gradients")
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            beta1, beta2 = group["betas"]
+            step = state["step"]
+            step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        return state, step_size
 
     def _foreach_group_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         """The loop's update for one group, as multi-tensor ops."""
         beta1, beta2 = group["betas"]
         grads, exp_avgs, exp_avg_sqs, step_sizes = [], [], [], []
         for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamW does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            step_size = group["lr"]
-            if group["correct_bias"]:
-                step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+            state, step_size = self._advance(p, group)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
