@@ -6,6 +6,7 @@
 #   3. fsdp2 / fairscale_sddp at world size 1: target <= 10% overhead vs strategy none
 #   4. the data pipeline's per-core rate on this machine's CPUs (workers needed for the GPU rate)
 #   5. VILLA compiled (inductor; graphs built are reported) and VILLA fp32 (the bf16 gain)
+#   6. compiled (inductor) and eager VILLA give the same losses over 20 updates (the compile test, on cuda)
 #   + which SDPA kernel UNITER-base's attention gets with its boolean key mask (flash needs no mask).
 # Usage (repository root, the project's venv active):  bash benchmarks/gpu_throughput.sh [OUT_DIR]
 # Every run writes JSON to OUT_DIR (default benchmarks/results/gpu_<date>); summary.md collects them.
@@ -52,6 +53,10 @@ timeout 60 $PY benchmarks/train_throughput.py --suite data --data-dir "$DATA" --
 tail -1 "$OUT/data.log" | tee -a "$OUT/run.log"
 run villa_fp32 120 --mode villa --precision fp32
 run villa_bf16_compiled 240 --mode villa --compile
+log "compiled (inductor) vs eager VILLA losses over 20 updates, fp32 on the GPU"
+VILLA_COMPILE_TEST_DEVICE=cuda VILLA_COMPILE_TEST_BACKEND=inductor timeout 180 $PY -m pytest -q -x \
+  tests/trainers/test_trainer_compile.py -p no:cacheprovider > "$OUT/compile_parity.log" 2>&1
+tail -1 "$OUT/compile_parity.log" | tee -a "$OUT/run.log"
 
 $PY - "$OUT" > "$OUT/summary.md" <<'PYEOF'
 import json, os, sys

@@ -3,11 +3,12 @@ run's losses over 20 updates, and dynamo builds a bounded number of graphs altho
 has its own sequence length (automatic dynamic shapes after the first recompile).
 
 The CPU test compiles with ``aot_eager`` (dynamo capture + AOT autograd, no code generation):
-inductor's C++ compilation takes minutes on the shared CI CPUs. benchmarks/gpu_throughput.sh
-runs the inductor comparison on a GPU."""
+inductor's C++ compilation takes minutes on the shared CI CPUs. benchmarks/gpu_throughput.sh runs
+this test on the GPU with inductor (``VILLA_COMPILE_TEST_DEVICE=cuda VILLA_COMPILE_TEST_BACKEND=inductor``)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from villa_plugin.trainers.compile import compile_stats
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
 RECORDER = "test_compile_loss_recorder"
+DEVICE = os.environ.get("VILLA_COMPILE_TEST_DEVICE", "cpu")
+BACKEND = os.environ.get("VILLA_COMPILE_TEST_BACKEND", "aot_eager")
 RECORDED = {}
 
 
@@ -40,12 +43,11 @@ def _bench():
 def _run(bench, data, save, compiled: bool):
     import torch._dynamo
 
-    args = bench.parse_args(f"--size tiny --token-scale 0.25 --update-frequency 1 --questions 160 --threads 1 "
-                            f"--compile".split() if compiled else "--size tiny --token-scale 0.25 --update-frequency 1 "
-                            "--questions 160 --threads 1".split())
+    common = f"--size tiny --token-scale 0.25 --update-frequency 1 --questions 160 --threads 1 --device {DEVICE}"
+    args = bench.parse_args((common + (" --compile" if compiled else "")).split())
     run = "compiled" if compiled else "eager"
     argv = bench.trainer_argv(args, str(data), str(save), 20) + [
-        "training.compile_backend=aot_eager", "training.seed=3",
+        f"training.compile_backend={BACKEND}", "training.seed=3",
         "model_config.villa.dropout=0.0",  # dropout draws differ once compiled (functionalised RNG)
         f"training.callbacks=[{{type: {RECORDER}, params: {{run: {run}}}}}]",
     ]
