@@ -54,6 +54,31 @@ def test_adamw_matches_the_hand_computation_over_two_steps():
     assert not torch.allclose(torch_param, param, atol=1e-4)  # torch's variant differs
 
 
+def test_adamw_foreach_update_is_the_loop_update_bit_for_bit():
+    """The multi-tensor path (default on CUDA) runs the loop's arithmetic: same params and states,
+    exactly, over steps where one parameter sometimes has no gradient (its step count lags)."""
+    torch.manual_seed(0)
+    shapes = [(5, 3), (3,), (7,)]
+    runs = {}
+    for foreach in (False, True):
+        params = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+        groups = [{"params": params[:2], "weight_decay": 0.01}, {"params": params[2:], "weight_decay": 0.0}]
+        optimizer = AdamW(groups, lr=0.05, betas=(0.9, 0.98), eps=1e-6, foreach=foreach)
+        for step in range(4):
+            for i, p in enumerate(params):
+                g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+                p.grad = None if (i == 1 and step == 1) else g
+            optimizer.step()
+        runs[foreach] = (params, optimizer)
+    (loop_params, loop_opt), (multi_params, multi_opt) = runs[False], runs[True]
+    for a, b in zip(loop_params, multi_params):
+        assert torch.equal(a, b)
+        sa, sb = loop_opt.state[a], multi_opt.state[b]
+        assert sa["step"] == sb["step"] and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert multi_opt.state[multi_params[1]]["step"] == 3
+    assert "foreach" not in multi_opt.state_dict()["param_groups"][0]  # saved states keep their keys
+
+
 def test_adamw_skips_params_without_grad_and_state_is_plain():
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
     optimizer = AdamW([a, b], lr=0.1)

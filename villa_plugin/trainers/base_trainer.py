@@ -46,6 +46,8 @@ from villa_plugin.metrics import parse_metric_specs
 from villa_plugin.optim import build_optimizer as optimizer_from_config, build_scheduler
 from villa_plugin.registry import registry
 from villa_plugin.trainers.callbacks import EarlyStoppingCallback, build_callbacks
+from villa_plugin.trainers.compile import compile_model, log_compile_stats
+from villa_plugin.trainers.phase_timer import PhaseTimer, maybe_phase
 from villa_plugin.trainers.preemption import StopSignals, stop_for_signal
 from villa_plugin.trainers.runtime import RunPlan, autocast, cfg, check_precision
 from villa_plugin.trainers.train_streams import DatasetStream, build_source_sampler
@@ -73,6 +75,9 @@ class MMFTrainer:
         self.scaler = None
         self.train_streams: Dict[str, DatasetStream] = {}
         self.source_sampler = None
+        #: set to a PhaseTimer to split each update's wall time into phases (benchmarks); None: off
+        self.phase_timer: Optional[PhaseTimer] = None
+        self.copy_non_blocking = False
 
     # ------------------------------------------------------------------------------------
     # entry point
@@ -125,6 +130,8 @@ class MMFTrainer:
         self.check_model_fits_data()
         self.model, self.optimizer = self.strategy.wrap(self.raw_model, self.build_optimizer)
         self.scaler = self.strategy.grad_scaler(self.precision)
+        # pinned host batches can be copied asynchronously; the compute stream orders their use
+        self.copy_non_blocking = self.device.type == "cuda" and bool(setting(config, "training.pin_memory"))
         self.metric_specs = parse_metric_specs(setting(config, "evaluation.metrics") or [])
         self.update_frequency = int(setting(config, "training.update_frequency"))
         if self.update_frequency < 1:
@@ -203,6 +210,7 @@ class MMFTrainer:
         raw.build()
         raw.init_losses()
         raw.to(self.device)
+        compile_model(raw, config)
         return raw
 
     def check_model_fits_data(self) -> None:
@@ -282,6 +290,7 @@ class MMFTrainer:
                 elif (signal_name := signals.agreed(self.strategy, self.device)) is not None:
                     stop_for_signal(self, signal_name)
         self.log.info(f"training stopped at update {self.num_updates}: {self.stop_reason}")
+        log_compile_stats(self.config)
         self.callbacks.call("on_train_end")
 
     def request_stop(self, reason: str) -> None:
@@ -290,18 +299,44 @@ class MMFTrainer:
 
     def run_update(self) -> bool:
         """One optimizer update over ``update_frequency`` micro-batches; False when out of data."""
-        batches = self._next_micro_batches()
+        timer = self.phase_timer
+        if timer is not None:
+            timer.begin_update()
+        with maybe_phase(timer, "data"):
+            batches = [b.to(self.device, non_blocking=self.copy_non_blocking) for b in self._next_micro_batches()]
         if not batches:
+            if timer is not None:
+                timer.end_update(recorded=False)
             return False
-        self.strategy.zero_grad(self.model, self.optimizer)
-        results = [
-            self.run_training_batch(batch.to(self.device), is_last_micro_batch=i == len(batches) - 1)
-            for i, batch in enumerate(batches)
-        ]
-        self.last_update_examples = sum(b.get_batch_size() for b in batches)
-        stats = _mean_over_micro_batches(results)
+        with maybe_phase(timer, "optimizer"):
+            self.strategy.zero_grad(self.model, self.optimizer)
+        with maybe_phase(timer, "forward_backward"):
+            results = [
+                self.run_training_batch(batch, is_last_micro_batch=i == len(batches) - 1)
+                for i, batch in enumerate(batches)
+            ]
+            self.last_update_examples = sum(b.get_batch_size() for b in batches)
+            stats = _mean_over_micro_batches(results)
         if len(self.train_streams) > 1:  # per-dataset logging; every rank drew the same dataset
             stats[f"train/{self.last_update_source}/total_loss"] = stats["train/total_loss"]
+        with maybe_phase(timer, "optimizer"):
+            stepped, grad_norm = self._optimizer_step(stats)
+        if not stepped:
+            self._skip_nonfinite_update(stats)
+            if timer is not None:
+                timer.end_update(recorded=False)
+            return True
+        self.num_updates += 1
+        if grad_norm is not None:
+            stats["train/grad_norm"] = grad_norm.detach().float()
+        with maybe_phase(timer, "logging"):
+            self.callbacks.call("on_update_end", stats)
+        if timer is not None:
+            timer.end_update(examples=self.last_update_examples)
+        return True
+
+    def _optimizer_step(self, stats: Dict[str, torch.Tensor]):
+        """Unscale, clip, check finiteness, step and schedule; ``(stepped, grad_norm)``."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -309,19 +344,14 @@ class MMFTrainer:
             grad_norm = self.strategy.clip_grad_norm(self.model, self.optimizer, float(setting(self.config, "training.max_grad_l2_norm")))
         # with a scaler, inf/nan gradients are its business (it skips the step and lowers the scale)
         if not self._all_finite(stats, grad_norm if self.scaler is None else None):
-            self._skip_nonfinite_update(stats)
-            return True
+            return False, grad_norm
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.scheduler.step()
-        self.num_updates += 1
-        if grad_norm is not None:
-            stats["train/grad_norm"] = grad_norm.detach().float()
-        self.callbacks.call("on_update_end", stats)
-        return True
+        return True, grad_norm
 
     def run_training_batch(self, batch: SampleList, is_last_micro_batch: bool) -> Dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch (the override point of free-AT trainers).

@@ -246,7 +246,8 @@ class UniterSelfAttention(nn.Module):
         return x.view(batch, length, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``attention_mask`` is additive, ``[B, 1, 1, S]`` (0 keep, -10000 drop)."""
+        """``attention_mask`` ``[B, 1, 1, S]``: boolean (True keep; the sdpa path) or additive
+        (0 keep, -10000 drop; eager, or callers of the layers)."""
         query = self._split_heads(self.query(hidden_states))
         key = self._split_heads(self.key(hidden_states))
         value = self._split_heads(self.value(hidden_states))
@@ -256,7 +257,7 @@ class UniterSelfAttention(nn.Module):
                 query,
                 key,
                 value,
-                attn_mask=attention_mask.to(query.dtype),
+                attn_mask=attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(query.dtype),
                 dropout_p=self.dropout.p if self.training else 0.0,
             )
         else:
@@ -370,6 +371,16 @@ class UniterModel(nn.Module):
             position_ids = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
         return self.embeddings(input_ids, position_ids, txt_type_ids, delta=txt_delta)
 
+    def _extended_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, 1, S]`` over heads and query positions: boolean for sdpa (a key-padding mask
+        its fused kernels take without materialising a float bias; the padded keys' weights are
+        exactly 0 either way), else the reference's additive ``(1 - m) * -10000``."""
+        mask = attention_mask[:, None, None, :]
+        if self.config.attn_implementation == "sdpa":
+            return mask.bool()
+        mask = mask.to(dtype=self.embeddings.word_embeddings.weight.dtype)
+        return (1.0 - mask) * -10000.0
+
     def _compute_img_embeddings(self, img_feat, img_pos_feat, img_masks=None, img_type_ids=None, img_delta=None):
         if img_type_ids is None:  # image tokens are type 1, looked up in the shared text table
             img_type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
@@ -400,9 +411,7 @@ class UniterModel(nn.Module):
         concatenation (MMF's layout), with ``attention_mask`` of length ``Lt + Nb``.
         ``input_ids=None`` runs on the image only, ``img_feat=None`` on the text only.
         """
-        # (1 - m) * -10000 in the parameter dtype, broadcast over heads and query positions
-        extended_mask = attention_mask[:, None, None, :].to(dtype=self.embeddings.word_embeddings.weight.dtype)
-        extended_mask = (1.0 - extended_mask) * -10000.0
+        extended_mask = self._extended_mask(attention_mask)
 
         if input_ids is None:
             embedding_output = self._compute_img_embeddings(img_feat, img_pos_feat, img_masks, img_type_ids, img_delta)
