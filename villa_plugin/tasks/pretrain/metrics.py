@@ -23,6 +23,8 @@ from typing import Any, Dict, Mapping
 import torch
 import torch.nn.functional as F
 
+from villa_plugin.metrics import BaseMetric
+from villa_plugin.registry import registry
 from villa_plugin.tasks.pretrain.losses import mrc_hard_targets, mrckl_elementwise
 from villa_plugin.tasks.pretrain.model import is_kl_task, task_family
 
@@ -94,4 +96,55 @@ class PretrainValidation:
         return out
 
 
-__all__ = ["PretrainValidation"]
+
+
+# -- registered metrics (evaluation.metrics), one per (task, result) ----------------------------------
+
+METRIC_NAMES = {
+    "mlm": ("mlm_loss", "mlm_accuracy"),
+    "mrfr": ("mrfr_loss",),
+    "mrc": ("mrc_loss", "mrc_accuracy"),
+    "mrckl": ("mrckl_kl", "mrckl_accuracy"),
+    "itm": ("itm_loss", "itm_accuracy", "itm_ot_loss", "itm_ot_pos", "itm_ot_neg"),
+}
+SUM_NAMES = ("loss", "correct", "count", "ot_pos", "ot_neg")
+
+
+class PretrainMetric(BaseMetric):
+    """One result of :class:`PretrainValidation` for one task (``task``, ``result``), reducible across
+    ranks; batches of other tasks are ignored (the trainer evaluates each task view with its metrics)."""
+
+    task: str = ""
+    result: str = ""
+    state_names = SUM_NAMES
+
+    def update(self, batch, output: Dict[str, Any]) -> None:
+        if (output.get("task") or batch.get("task")) != self.task:
+            return
+        validation = PretrainValidation()
+        validation.update(self.task, output, batch)
+        for name, value in validation.sums().get(self.task, {}).items():
+            self._add(name, torch.tensor(float(value)))
+
+    def compute(self) -> float:
+        validation = PretrainValidation()
+        validation.load_sums({self.task: {name: float(getattr(self, name)) for name in SUM_NAMES
+                                          if name in ("loss", "correct", "count") or float(getattr(self, name)) != 0}})
+        results = validation.results()
+        if self.result not in results:
+            return float("nan") if float(self.count) == 0 else 0.0
+        return float(results[self.result])
+
+
+def _register_metrics() -> Dict[str, type]:
+    classes = {}
+    for task, names in METRIC_NAMES.items():
+        for name in names:
+            cls = type(f"Pretrain_{name}", (PretrainMetric,), {"task": task, "result": name, "__module__": __name__})
+            classes[name] = registry.register_metric(name)(cls)
+    return classes
+
+
+METRICS = _register_metrics()
+
+__all__ = ["PretrainValidation", "PretrainMetric", "METRICS", "METRIC_NAMES"]
