@@ -19,7 +19,6 @@ Files under ``root``::
 from __future__ import annotations
 
 import os
-from collections import Counter
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -108,19 +107,6 @@ def _write(root: str) -> None:
             examples.append((str(ann["id"]), {"input_ids": ids, "img_fname": KEY_FORMAT.format(image_id=ann["image_id"])}))
         write_txt_db(p["splits"][split]["txt_db"], examples, tok.meta("demo-uncased"))
     write_img_db(p["splits"]["train"]["img_db"], records, **img_db_settings(DEMO_FEATURES))
-
-
-def chance_levels(root: str, split: str = "val") -> Dict[str, float]:
-    """Majority baselines on ``split``: MLM = share of the most frequent caption wordpiece (what a
-    model predicting one token everywhere gets), ITM = 0.5 (labels drawn with p 0.5)."""
-    import json
-
-    p = paths(root)
-    with open(p["splits"][split]["captions"], "r", encoding="utf-8") as fh:
-        captions = [a["caption"] for a in json.load(fh)["annotations"]]
-    tok = WordPieceTokenizer(p["vocab"], lowercase=True)
-    counts = Counter(t for ids in tok.encode_batch(captions) for t in ids)
-    return {"mlm_accuracy": max(counts.values()) / sum(counts.values()), "itm_accuracy": 0.5}
 
 
 def stamp() -> Dict[str, Any]:

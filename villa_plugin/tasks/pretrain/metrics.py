@@ -147,4 +147,37 @@ def _register_metrics() -> Dict[str, type]:
 
 METRICS = _register_metrics()
 
-__all__ = ["PretrainValidation", "PretrainMetric", "METRICS", "METRIC_NAMES"]
+
+class MajorityBaseline(BaseMetric):
+    """The chance level of a task's accuracy: the share of its most frequent target on the evaluated
+    items (MLM: the masked tokens; ITM: the pairs), i.e. what always predicting one class scores.
+    Logged beside the accuracy (``mlm_chance``, ``itm_chance``)."""
+
+    task: str = ""
+
+    def reset(self) -> None:
+        self.counts = None
+
+    def update(self, batch, output: Dict[str, Any]) -> None:
+        if (output.get("task") or batch.get("task")) != self.task:
+            return
+        targets = batch["txt_labels"][batch["txt_labels"] != -1] if self.task == "mlm" else batch["targets"]
+        counts = torch.bincount(targets.detach().reshape(-1).cpu(), minlength=output["scores"].size(-1)).to(torch.float64)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def reduce(self, all_reduce_sum, device=None) -> None:
+        if self.counts is None:
+            raise RuntimeError(f"{self.task}_chance: this rank evaluated no {self.task} batch")
+        packed = self.counts.to(device) if device is not None else self.counts
+        self.counts = all_reduce_sum(packed).detach().cpu()
+
+    def compute(self) -> float:
+        if self.counts is None or float(self.counts.sum()) == 0:
+            return float("nan")
+        return float(self.counts.max() / self.counts.sum())
+
+
+CHANCE_METRICS = {task: registry.register_metric(f"{task}_chance")(
+    type(f"Pretrain_{task}_chance", (MajorityBaseline,), {"task": task, "__module__": __name__})) for task in ("mlm", "itm")}
+
+__all__ = ["PretrainValidation", "PretrainMetric", "MajorityBaseline", "METRICS", "CHANCE_METRICS", "METRIC_NAMES"]
