@@ -6,7 +6,7 @@ import pytest
 from villa_plugin.config.compose import build_config
 
 COMMON = {"training.trainer": "villa_free_at", "training.batching": "token_bucket", "training.precision": "fp16",
-          "training.max_grad_l2_norm": 5.0, "multitasking.type": "mix_ratio", "optimizer.params.lr": 5e-5,
+          "training.max_grad_l2_norm": 5.0, "multitasking.type": "mix_ratio", "distributed.find_unused_parameters": True, "optimizer.params.lr": 5e-5,
           "optimizer.params.betas": [0.9, 0.98], "optimizer.params.weight_decay": 0.01,
           "scheduler.params.warmup_steps": 10000, "model_config.uniter_pretrain.dropout": 0.1,
           "model_config.uniter_pretrain.itm_ot_lambda": 0.1,

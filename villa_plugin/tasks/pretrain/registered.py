@@ -69,6 +69,11 @@ class UniterPretrain(BaseModel):
                     f"model_config.{self.model_name}.pretrained_checkpoint = {checkpoint}: file not found (resolved to "
                     f"{os.path.abspath(path)}). Fix the path, or set it to \"\" to start from random weights.")
             self.load_report = load_pretraining_checkpoint(self, path)
+        # The trunk zero-fills mask_embedding row 0 in place before every masked-region forward (§5),
+        # so its value is never used; zeroing it up front makes that fill a no-op, which keeps sharded
+        # storages (fsdp2 writes the fill only into a temporary unsharded copy) equal to one process.
+        with torch.no_grad():
+            self.uniter.img_embeddings.mask_embedding.weight[0].fill_(0)
 
     @property
     def core(self) -> UniterForPretraining:
