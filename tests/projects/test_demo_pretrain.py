@@ -12,8 +12,8 @@ def test_demo_pretrain_learns(tmp_path, capsys):
     with capsys.disabled():
         print(f"\ndemo_pretrain: {metrics} in {seconds:.1f}s")
     mlm, itm = metrics["val/pretrain_coco/mlm_accuracy"], metrics["val/pretrain_coco/itm_accuracy"]
-    # measured 0.83 / 0.78 against chance ~0.20 / ~0.5
-    assert metrics["val/pretrain_coco/mlm_chance"] < 0.3 and mlm >= 0.7
+    # measured 0.83 / 0.78 against chance 0.29 / 0.52 (the majority baselines of the masked tokens / pairs)
+    assert metrics["val/pretrain_coco/mlm_chance"] < 0.4 and mlm >= 0.7
     assert 0.4 < metrics["val/pretrain_coco/itm_chance"] < 0.6 and itm >= 0.7
     assert metrics["val/pretrain_coco/mrckl_kl"] > 0 and metrics["val/pretrain_coco/mrfr_loss"] > 0
     assert any("train/adv/mlm/kl" in r for r in records) and any("train/adv/itm/kl" in r for r in records)
