@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import random
 import sys
 from typing import Any, Dict, List
@@ -154,12 +155,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> Dict[str, Any]:
+    """Run, print the table, write the raw JSON to ``--out`` (when given)."""
     args = parse_args(argv)
     result = run(args)
     print(markdown(result))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
 
 

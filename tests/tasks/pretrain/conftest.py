@@ -1,6 +1,5 @@
-"""The pre-training demo materialised once per test session (a few seconds), and one torch thread."""
+"""The pre-training demo materialised once per test session (a few seconds)."""
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -10,11 +9,3 @@ def demo_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("pretrain_cache")
     materialise_demo(str(cache / "demo" / "pretrain_v1"))
     return cache
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
