@@ -135,22 +135,22 @@ def markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+OPTIONS = {  # flag: (type, default); the model / batch sizes default to the preset's
+    "hidden": (int, None), "layers": (int, None), "batch": (int, None), "seq": (int, None), "boxes": (int, None),
+    "device": (str, None), "steps": (int, 3), "warmup": (int, 2), "repeats": (int, 5), "threads": (int, 0),
+    "out": (str, ""),
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    for key in ("hidden", "layers", "batch", "seq", "boxes"):
-        parser.add_argument(f"--{key}", type=int, default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
+    for name, (kind, default) in OPTIONS.items():
+        parser.add_argument(f"--{name}", type=kind, default=default)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     return args
 
 

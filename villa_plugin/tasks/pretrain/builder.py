@@ -66,21 +66,14 @@ class PretrainBuilder(TaskBuilder):
     def read_txt_db(self, ctx: SplitContext) -> ExampleRecords:
         """UNITER's pre-training txt_dbs, ``txt_db[i]`` paired with ``img_db[i]`` (or one img_db for all)."""
         txt_dbs = self.open_txt_dbs(ctx)
-        if len(ctx.img_dbs) not in (1, len(txt_dbs)):
-            raise ConfigError(f"{self.dataset_name} {ctx.split}: {len(txt_dbs)} txt_dbs need 1 or {len(txt_dbs)} "
-                              f"img_dbs (paired in order), got {len(ctx.img_dbs)}")
         specials = {self._specials(db.meta, db.db_dir) for db in txt_dbs}
         if len(specials) > 1:
             raise DataError(f"{self.dataset_name} {ctx.split}: txt_dbs {[t.db_dir for t in txt_dbs]} have different "
                             f"CLS/SEP/MASK/v_range in their meta.json ({sorted(map(str, specials))}); all must share "
                             f"one tokenizer.")
         records = ExampleRecords.for_txt_dbs(txt_dbs)
-        for ex in self.txt_db_examples(ctx, txt_dbs):
-            pair = ex.db_index if len(ctx.img_dbs) > 1 else 0
-            img = ex.img_fname()
-            located = ctx.locate([img], ex.where, dbs=[[ctx.img_dbs[pair]]])
-            if located is not None:
-                records.add(ex.key, ex.length, img, pair, txt=ex)
+        for ex, img, pair in self.paired_txt_db_examples(ctx, txt_dbs):
+            records.add(ex.key, ex.length, img, pair, txt=ex)
         ctx.extra["specials"] = specials.pop()
         return records
 
