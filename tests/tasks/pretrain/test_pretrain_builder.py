@@ -16,7 +16,15 @@ from villa_plugin.datasets.text import write_txt_db
 from villa_plugin.registry import registry
 from villa_plugin.tasks.pretrain.builder import caption_image_key
 from villa_plugin.tasks.pretrain.dataset import check_mix
-from villa_plugin.tasks.pretrain.demo import KEY_FORMAT, paths
+from villa_plugin.tasks.pretrain.demo import KEY_FORMAT, materialise_demo, paths
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """The pre-training demo, materialised once for this module (a few seconds)."""
+    cache = tmp_path_factory.mktemp("pretrain_cache")
+    materialise_demo(str(cache / "demo" / "pretrain_v1"))
+    return cache
 
 
 def _builder(name, demo_cache, **cfg):
