@@ -69,3 +69,41 @@ def test_task_adversarial_settings_and_consistency_terms():
     full = OmegaConf.create({"model": "uniter_pretrain", "model_config": {"uniter_pretrain": {"adversarial": {"adv_tasks": ["nope"]}}}})
     with pytest.raises(ConfigError, match="unknown pre-training task 'nope'"):
         registry.get_model_class("uniter_pretrain").adversarial_config(full)
+
+
+def _task_batch(task):
+    from pretrain_testlib import itm_rows, mlm_rows, mrm_rows
+    from villa_plugin.tasks.pretrain.collate import mlm_collate, mrm_collate
+
+    examples = raw_examples()
+    if task == "mlm":
+        batch = mlm_collate(mlm_rows(examples))
+    elif task == "itm":
+        batch = itm_collate(itm_rows(examples, [1, 0, 1]), with_ot=True)
+    else:
+        batch = mrm_collate(mrm_rows(examples), task)
+    batch.update(task=task, dataset_name="coco", dataset_type="train")
+    return batch
+
+
+@pytest.mark.parametrize("task", ["mlm", "mrfr", "mrckl", "itm"])
+def test_official_and_exact_give_the_same_gradients_per_task(task):
+    import dataclasses
+
+    from villa_plugin.adversarial import FreeATEngine
+
+    grads = {}
+    for formulation in ("official", "exact"):
+        model = _model(adv_training=True, adv_tasks=["mlm", "mrfr", "mrckl", "itm"], consistency={"mrfr": "mse"})
+        base = AdversarialConfig(adv_modality=("image", "text"), adv_steps=3, adv_lr_txt=0.3, adv_lr_img=0.3,
+                                 formulation=formulation)
+        config, consistency = model.task_adversarial(task, base)
+        batch = _task_batch(task)
+        stats = FreeATEngine(dataclasses.replace(config)).step(
+            model, batch, backward=lambda loss, retain_graph=False: loss.backward(retain_graph=retain_graph),
+            kl_reduction=model.kl_reduction, consistency=consistency)
+        assert stats["kl"] > 0, "the perturbation must change the outputs"
+        grads[formulation] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["official"].keys() == grads["exact"].keys()
+    for name, grad in grads["official"].items():
+        torch.testing.assert_close(grads["exact"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
