@@ -462,6 +462,9 @@ class MMFTrainer:
         written = []
         try:
             for name, dataset in self.datasets.get(split, {}).items():
+                if isinstance(dataset, TaskMixture):
+                    raise ConfigError(f"{name} is trained as several tasks (pre-training) and writes no predictions: "
+                                      f"use run_type=val for its metrics")
                 records = []
                 loader = build_loader(dataset, self.config, split, self.strategy.rank, self.strategy.world_size, self.data_seed)
                 with torch.no_grad():
