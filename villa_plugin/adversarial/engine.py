@@ -94,6 +94,7 @@ class FreeATEngine:
         forward_context: Optional[Callable[[], ContextManager]] = None,
         unwrap: Optional[Callable[[nn.Module], nn.Module]] = None,
         generator: Optional[torch.Generator] = None,
+        consistency: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch; returns detached statistics.
 
@@ -106,6 +107,8 @@ class FreeATEngine:
           start (the model's ``perturbation_masks``; see ``adversarial/protocol.py``).
         - ``forward_context()``: wraps every model call (e.g. autocast); backward runs outside it.
         - ``generator``: RNG for the random start when ``adv_init_mag > 0``.
+        - ``consistency(adv_scores, clean_scores)``: the term weighted by ``adv_kl_weight`` (default: the
+          symmetric KL reduced by ``kl_reduction``); e.g. a per-task term in pre-training (MRFR's MSE).
 
         Returned keys: ``loss`` (mean per-forward objective task + α·KL), ``task_loss``, ``kl``
         (means over the perturbed forwards), ``clean_task_loss`` (the clean forward's loss) and,
@@ -120,7 +123,10 @@ class FreeATEngine:
         forward_context = forward_context or contextlib.nullcontext
         if not self.config.adv_training:
             return self._plain_step(model, batch, backward, sync_context, is_last_micro_batch, forward_context)
-        run = _Run(self.config, model, batch, backward, forward_context, get_kl_reduction(kl_reduction))
+        if consistency is None:
+            reduce = get_kl_reduction(kl_reduction)
+            consistency = lambda adv, clean: reduce(symmetric_kl(adv, clean))  # noqa: E731
+        run = _Run(self.config, model, batch, backward, forward_context, consistency)
         run.check_delta_gradients = not self.delta_gradients_checked
         shapes = shapes if shapes is not None else perturbation_shapes(model, batch, unwrap)
         masks = perturbation_masks(model, batch, shapes, unwrap) if self.config.adv_init_mag > 0 else {}
@@ -150,13 +156,13 @@ class FreeATEngine:
 class _Run:
     """State of one micro-batch: deltas, clean logits, accumulated statistics."""
 
-    def __init__(self, config: AdversarialConfig, model, batch, backward, forward_context, reduce_kl):
+    def __init__(self, config: AdversarialConfig, model, batch, backward, forward_context, consistency):
         self.cfg = config
         self.model = model
         self.batch = batch
         self.backward = backward
         self.forward_context = forward_context
-        self.reduce_kl = reduce_kl
+        self.consistency = consistency
         self.active: List[str] = [m for m in MODALITIES if m in config.adv_modality]
         self.detach_clean = config.kl_detach_clean
         self.exact = config.formulation == "exact" and not self.detach_clean
@@ -214,7 +220,7 @@ class _Run:
                 output = self.model(self.batch, perturbation=perturbation)
             task = task_loss_of(output)
             self._note_input_norms(output)
-            kl = self.reduce_kl(symmetric_kl(output["scores"], reference))
+            kl = self.consistency(output["scores"], reference)
             self.task_sum += task.detach().float()
             self.kl_sum += kl.detach().float()
             if t == 0:

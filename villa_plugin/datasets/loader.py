@@ -54,6 +54,12 @@ def build_loader(dataset, config: Any, split: str, rank: int = 0, world_size: in
     positioned at ``epoch`` after ``start_batch`` batches."""
     sampler = build_batch_sampler(dataset, config, split, rank, world_size, seed)
     workers = int(setting(config, "training.num_workers"))
+    persistent = bool(setting(config, "training.persistent_workers")) and workers > 0
+    if persistent and callable(getattr(dataset, "set_epoch", None)):
+        raise ConfigError(
+            f"training.persistent_workers=true with {type(dataset).__name__}, which draws per epoch (set_epoch): "
+            f"persistent workers would keep their first epoch's copy. Set training.persistent_workers=false."
+        )
     # A private generator: creating an iterator then never draws from the global torch RNG, which
     # keeps resumed runs bit-identical to uninterrupted ones.
     loader = DataLoader(
@@ -62,7 +68,7 @@ def build_loader(dataset, config: Any, split: str, rank: int = 0, world_size: in
         collate_fn=dataset.collate,
         num_workers=workers,
         pin_memory=bool(setting(config, "training.pin_memory")),
-        persistent_workers=bool(setting(config, "training.persistent_workers")) and workers > 0,
+        persistent_workers=persistent,
         generator=torch.Generator(),
         worker_init_fn=shield_worker_from_stop_signals if workers > 0 else None,  # preemption: see worker_signals
     )
@@ -71,9 +77,12 @@ def build_loader(dataset, config: Any, split: str, rank: int = 0, world_size: in
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
-    """Select the epoch (order and worker seeds) and skip ``start_batch`` batches of it."""
+    """Select the epoch (order, worker seeds and a dataset's ``set_epoch(seed, epoch)``, e.g. pre-training
+    masks) and skip ``start_batch`` batches of it."""
     sampler = loader.batch_sampler
     sampler.set_epoch(epoch, start_batch)
+    if callable(getattr(loader.dataset, "set_epoch", None)):  # per-epoch draws (pre-training masks)
+        loader.dataset.set_epoch(sampler.seed, epoch)
     loader.generator.manual_seed(_worker_seed(sampler.seed, sampler.rank, epoch))
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 from villa_plugin.common.errors import ConfigError
 
-STRATEGIES = ("size_proportional", "equal", "ratios")
+STRATEGIES = ("size_proportional", "equal", "ratios", "mix_ratio")
 
 
 class SourceSampler:
@@ -50,13 +50,30 @@ class SourceSampler:
         self.seed, self.draws = int(state["seed"]), int(state["draws"])
 
 
-def sampling_weights(strategy: str, sizes: Mapping[str, int], ratios: Mapping[str, float], key: str) -> Dict[str, float]:
-    """Weights per source for ``strategy``: ``size_proportional`` (``sizes``), ``equal``, or
-    ``ratios`` (``ratios``, one positive number for every source). ``key`` names the config block
-    in error messages."""
+def sampling_weights(strategy: str, sizes: Mapping[str, int], ratios: Mapping[str, float], key: str,
+                     declared: Optional[Mapping[str, Optional[float]]] = None) -> Dict[str, float]:
+    """Weights per source for ``strategy``: ``size_proportional`` (``sizes``), ``equal``, ``ratios``
+    (``ratios``, one positive number for every source) or ``mix_ratio`` (``declared``: the weight each
+    source's dataset declares, e.g. a pre-training dataset's per-task ``mix_ratio``; UNITER's
+    MetaLoader pool). Declared weights under another strategy would be ignored: an error.
+    ``key`` names the config block in error messages."""
     names: Sequence[str] = list(sizes)
     if strategy not in STRATEGIES:
         raise ConfigError(f'{key}.type must be one of {", ".join(STRATEGIES)}; got "{strategy}"')
+    declared = {n: w for n, w in (declared or {}).items() if w is not None}
+    if strategy == "mix_ratio":
+        undeclared = [n for n in names if n not in declared]
+        if undeclared:
+            raise ConfigError(f"{key}.type=mix_ratio takes each train stream's weight from its dataset's mix_ratio, "
+                              f"but {', '.join(undeclared)} declare(s) none; use another {key}.type")
+        if ratios:
+            raise ConfigError(f"{key}.sampling_ratios is set but {key}.type is mix_ratio, which ignores it: remove it")
+        return {name: float(declared[name]) for name in names}
+    if declared:
+        raise ConfigError(
+            f"the train streams {', '.join(declared)} come from datasets with a mix_ratio, which {key}.type={strategy} "
+            f"would ignore: set {key}.type=mix_ratio (UNITER pre-training), or remove the datasets' mix_ratio"
+        )
     if ratios and strategy != "ratios":
         raise ConfigError(
             f"{key}.sampling_ratios is set but {key}.type is {strategy}, which ignores it: set "

@@ -290,6 +290,18 @@ class TaskBuilder(BaseDatasetBuilder):
             for (number, ann), ids in zip(lines, tok.encode_batch([ann[text_field] for _, ann in lines])):
                 yield path, number, ann, ids
 
+    def paired_txt_db_examples(self, ctx: SplitContext, txt_dbs: Sequence[TxtDB]) -> Iterator[Tuple[TxtDbExample, Any, int]]:
+        """``(example, image key, img_db index)`` of every kept txt_db example whose image is found, with
+        ``txt_db[i]`` paired with ``img_db[i]`` (or every txt_db with a single img_db)."""
+        if len(ctx.img_dbs) not in (1, len(txt_dbs)):
+            raise ConfigError(f"{self.dataset_name} {ctx.split}: {len(txt_dbs)} txt_dbs need 1 or {len(txt_dbs)} "
+                              f"img_dbs (paired in order), got {len(ctx.img_dbs)}")
+        for ex in self.txt_db_examples(ctx, txt_dbs):
+            pair = ex.db_index if len(ctx.img_dbs) > 1 else 0
+            img = ex.img_fname()
+            if ctx.locate([img], ex.where, dbs=[[ctx.img_dbs[pair]]]) is not None:
+                yield ex, img, pair
+
     @staticmethod
     def txt_db_examples(ctx: SplitContext, txt_dbs: Sequence[TxtDB]) -> Iterator[TxtDbExample]:
         """Every txt_db example the length filter keeps (over-long ones counted in ``ctx.filt``)."""

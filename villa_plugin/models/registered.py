@@ -82,6 +82,21 @@ def _plain(config: Any) -> Dict[str, Any]:
     return dict(config or {})
 
 
+def trunk_config(cfg: Mapping[str, Any], key: str) -> UniterConfig:
+    """The :class:`UniterConfig` of a model config's ``uniter_config`` + ``architecture`` + ``dropout``
+    (``key`` names the block in errors)."""
+    overrides = dict(cfg.get("architecture") or {})
+    dropout = cfg.get("dropout", 0.1)
+    if dropout is not None:
+        if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
+            raise ConfigError(f"{key}.dropout must be a probability in [0, 1) or null, got {dropout!r}.")
+        overrides.update(hidden_dropout_prob=float(dropout), attention_probs_dropout_prob=float(dropout))
+    try:
+        return UniterConfig.from_name(str(cfg.get("uniter_config", "base")), overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{key}.uniter_config / {key}.architecture: {err}") from err
+
+
 @registry.register_model("uniter")
 class UNITER(BaseModel):
     """UNITER trunk (``self.uniter``) plus one task head (``self.<head.module_name>``, e.g. ``vqa_output``).
@@ -105,16 +120,7 @@ class UNITER(BaseModel):
 
     def build(self) -> None:
         cfg = _plain(self.config)
-        overrides = dict(cfg.get("architecture") or {})
-        dropout = cfg.get("dropout", 0.1)
-        if dropout is not None:
-            if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
-                raise ConfigError(f"{self._key('dropout')} must be a probability in [0, 1) or null, got {dropout!r}.")
-            overrides.update(hidden_dropout_prob=float(dropout), attention_probs_dropout_prob=float(dropout))
-        try:
-            self.uniter_config = UniterConfig.from_name(str(cfg.get("uniter_config", "base")), overrides)
-        except ConfigError as err:
-            raise ConfigError(f"{self._key('uniter_config')} / {self._key('architecture')}: {err}") from err
+        self.uniter_config = trunk_config(cfg, f"model_config.{self.model_name}")
         self.img_dim = cfg.get("img_dim", IMG_DIM)
         if isinstance(self.img_dim, bool) or not isinstance(self.img_dim, int) or self.img_dim < 1:
             raise ConfigError(f"{self._key('img_dim')} must be a positive integer (the region feature width), "

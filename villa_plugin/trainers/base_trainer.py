@@ -41,6 +41,7 @@ from villa_plugin.common.input_spec import InputSpec, check_model_fits_data
 from villa_plugin.common.logger import TrainingLogger, ensure_console_logging, get_logger
 from villa_plugin.common.sample_list import SampleList
 from villa_plugin.datasets.loader import build_loader
+from villa_plugin.datasets.task_mixture import TaskMixture, expand_train_datasets
 from villa_plugin.distributed import build_strategy
 from villa_plugin.metrics import parse_metric_specs
 from villa_plugin.optim import build_optimizer as optimizer_from_config, build_scheduler
@@ -74,6 +75,7 @@ class MMFTrainer:
         self.scheduler = None
         self.scaler = None
         self.train_streams: Dict[str, DatasetStream] = {}
+        self.grad_scalers: Dict[str, Any] = {}
         self.source_sampler = None
         #: set to a PhaseTimer to split each update's wall time into phases (benchmarks); None: off
         self.phase_timer: Optional[PhaseTimer] = None
@@ -229,13 +231,23 @@ class MMFTrainer:
     def _build_train_streams(self) -> None:
         """One loader per train dataset (seeded ``data_seed + index``) and the source sampler."""
         self.train_streams = {}
-        for index, (name, dataset) in enumerate(self.datasets["train"].items()):
+        streams = expand_train_datasets(self.datasets["train"])  # a task mixture: one stream per task
+        for index, (name, (dataset, weight, _, _)) in enumerate(streams.items()):
             loader = build_loader(dataset, self.config, "train", self.strategy.rank, self.strategy.world_size, self.data_seed + index)
-            self.train_streams[name] = DatasetStream(name, dataset, loader)
+            self.train_streams[name] = DatasetStream(name, dataset, loader, weight)
         self.source_sampler = build_source_sampler(self.config, self.train_streams, self.data_seed)
+        self._build_grad_scalers()
         if len(self.train_streams) > 1:
             shares = ", ".join(f"{n} {p:.3f}" for n, p in self.source_sampler.probabilities.items())
             self.log.info(f"{len(self.train_streams)} train datasets, one per update ({setting(self.config, 'multitasking.type')}): {shares}")
+
+    def _build_grad_scalers(self) -> None:
+        """fp16 with several train streams: one GradScaler per stream, used by the updates drawn from
+        it (UNITER pre-training's apex ``num_losses`` / ``loss_id``: one loss scale per (task, dataset));
+        ``self.scaler`` is the current update's."""
+        self.grad_scalers = {}
+        if self.scaler is not None and len(self.train_streams) > 1:
+            self.grad_scalers = {name: self.strategy.grad_scaler(self.precision) for name in self.train_streams}
 
     @property
     def train_dataset(self):
@@ -387,6 +399,8 @@ class MMFTrainer:
         picks; fewer than ``update_frequency`` (or none) once ``max_epochs`` are done."""
         self.last_update_source = self.source_sampler.next()
         stream = self.train_streams[self.last_update_source]
+        if self.grad_scalers:
+            self.scaler = self.grad_scalers[self.last_update_source]
         batches = []
         while len(batches) < self.update_frequency:
             batch = stream.next_batch(self.max_epochs)
@@ -449,9 +463,16 @@ class MMFTrainer:
         losses = getattr(self.raw_model, "losses", None)
         return set(getattr(losses, "names", []) or [])
 
-    def _evaluate_dataset(self, split: str, name: str, dataset) -> Dict[str, float]:
+    def _evaluate_dataset(self, split: str, name: str, dataset, task: Optional[str] = None) -> Dict[str, float]:
+        if isinstance(dataset, TaskMixture):  # every task view, with the metrics of its task
+            report: Dict[str, float] = {}
+            for view_task, view in dataset.views.items():
+                report.update(self._evaluate_dataset(split, name, view, view_task))
+            return report
         loader = build_loader(dataset, self.config, split, self.strategy.rank, self.strategy.world_size, self.data_seed)
         metrics = {spec.key: spec.build() for spec in self.metric_specs if spec.applies_to(name)}
+        if task is not None:  # a task view: metrics declaring that task (class attribute ``task``)
+            metrics = {key: m for key, m in metrics.items() if getattr(m, "task", None) == task}
         loss_sums: Dict[str, torch.Tensor] = {}
         count = 0
         last = None
@@ -490,6 +511,9 @@ class MMFTrainer:
         written = []
         try:
             for name, dataset in self.datasets.get(split, {}).items():
+                if isinstance(dataset, TaskMixture):
+                    raise ConfigError(f"{name} is trained as several tasks (pre-training) and writes no predictions: "
+                                      f"use run_type=val for its metrics")
                 records = []
                 loader = build_loader(dataset, self.config, split, self.strategy.rank, self.strategy.world_size, self.data_seed)
                 with torch.no_grad():
@@ -533,13 +557,29 @@ class MMFTrainer:
             "model": self.strategy.model_state_dict(self.model),
             "optimizer": self.strategy.optimizer_state_dict(self.optimizer),
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "fp16_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "fp16_scaler": self._scaler_state(),
             "rng": rng_state(),
             "sampler": self._sampler_state(),
             "counts": {"num_updates": self.num_updates, "current_epoch": self.current_epoch, "nonfinite_skips": self.nonfinite_skips},
             "callbacks": self.callbacks.state_dict(),
             "config": self._config_yaml(),
         }
+
+    def _scaler_state(self) -> Optional[Dict[str, Any]]:
+        if self.grad_scalers:
+            return {"per_stream": {name: scaler.state_dict() for name, scaler in self.grad_scalers.items()}}
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def _load_scaler_state(self, state: Dict[str, Any]) -> None:
+        """One scaler's state, or ``{"per_stream": {stream: state}}`` (a state for every stream of this
+        run that has one; a single state seeds every per-stream scaler)."""
+        per_stream = state.get("per_stream")
+        targets = self.grad_scalers or {None: self.scaler}
+        for name, scaler in targets.items():
+            if per_stream is None:
+                scaler.load_state_dict(state)
+            elif name in per_stream:
+                scaler.load_state_dict(per_stream[name])
 
     def _sampler_state(self) -> Dict[str, Any]:
         """Data position: every train dataset's (epoch, batch) and the source sampler's draws;
@@ -603,7 +643,7 @@ class MMFTrainer:
                     f"checkpoint.reset.optimizer=True to start the optimizer fresh."
                 ) from None
             if self.scaler is not None and state.get("fp16_scaler"):
-                self.scaler.load_state_dict(state["fp16_scaler"])
+                self._load_scaler_state(state["fp16_scaler"])
         if setting(self.config, "checkpoint.reset.counts"):
             self.log.info(f"loaded weights and optimizer from {path}; counters reset")
             return

@@ -3,7 +3,8 @@
 Each train dataset has its own loader and position (``epoch``, ``batch_in_epoch``); a
 :class:`~villa_plugin.datasets.source_sampler.SourceSampler` picks the dataset of each update
 (all micro-batches of an update come from it), following ``multitasking.type``
-(``size_proportional`` | ``equal`` | ``ratios`` with ``multitasking.sampling_ratios``).
+(``size_proportional`` | ``equal`` | ``ratios`` with ``multitasking.sampling_ratios`` | ``mix_ratio``:
+the weights task mixtures declare, see datasets/task_mixture.py).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ SAMPLING_KEY = "multitasking"
 class DatasetStream:
     """One train dataset's loader walked epoch after epoch; resumable from its position."""
 
-    def __init__(self, name: str, dataset, loader):
+    def __init__(self, name: str, dataset, loader, weight: Optional[float] = None):
         self.name, self.dataset, self.loader = name, dataset, loader
+        self.weight = weight  # declared sampling weight (a task mixture's mix_ratio), else None
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of the current epoch already consumed
         self._iter = None
@@ -65,5 +67,6 @@ def build_source_sampler(config: Any, streams: Mapping[str, DatasetStream], seed
     if OmegaConf.is_config(ratios):
         ratios = OmegaConf.to_container(ratios, resolve=True)
     sizes = {name: len(stream.dataset) for name, stream in streams.items()}
-    weights = sampling_weights(str(setting(config, f"{SAMPLING_KEY}.type")), sizes, ratios, SAMPLING_KEY)
+    declared = {name: stream.weight for name, stream in streams.items()}
+    weights = sampling_weights(str(setting(config, f"{SAMPLING_KEY}.type")), sizes, ratios, SAMPLING_KEY, declared)
     return SourceSampler(weights, seed)

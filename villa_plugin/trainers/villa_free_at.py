@@ -33,10 +33,13 @@ class VillaFreeATTrainer(MMFTrainer):
     runs_adversarial_loop = True
 
     def setup(self, plan) -> None:
-        # Validate the adversarial block before the (slow) model and data set-up.
-        self.adv_config = AdversarialConfig.from_model_config(self.config)
+        # Validate the adversarial block before the (slow) model and data set-up. A model whose
+        # batches name their task (pre-training) reads its own block: per-task settings on top.
+        reader = getattr(registry.get_model_class(self.config.model), "adversarial_config", None) if self.config.get("model") else None
+        self.adv_config = reader(self.config).engine if reader else AdversarialConfig.from_model_config(self.config)
         super().setup(plan)
         self.engine = FreeATEngine(self.adv_config)
+        self.task_engines: Dict[str, tuple] = {}
         self.kl_reduction = self._check_model_supports_perturbations()
         if self.adv_config.adv_training:
             self.log.info(f"villa_free_at: {self.adv_config}")
@@ -49,9 +52,10 @@ class VillaFreeATTrainer(MMFTrainer):
 
     def run_training_batch(self, batch: SampleList, is_last_micro_batch: bool) -> Dict[str, torch.Tensor]:
         """Clean forward + K ascent steps of VILLA on one micro-batch (plain step when disabled)."""
-        if not self.adv_config.adv_training:
+        engine, consistency = self._engine_for(batch)
+        if not engine.config.adv_training:
             return super().run_training_batch(batch, is_last_micro_batch)
-        stats = self.engine.step(
+        stats = engine.step(
             self.model,
             batch,
             backward=self.backward,
@@ -60,7 +64,23 @@ class VillaFreeATTrainer(MMFTrainer):
             kl_reduction=self.kl_reduction,
             forward_context=self.autocast,
             unwrap=self.strategy.unwrap,
+            consistency=consistency,
         )
         out = {"train/total_loss": stats.pop("loss")}
-        out.update({f"train/adv/{key}": value.detach().float() for key, value in stats.items()})
+        task = batch.get("task") if consistency is not None else None
+        prefix = f"train/adv/{task}/" if task else "train/adv/"
+        out.update({f"{prefix}{key}": value.detach().float() for key, value in stats.items()})
         return out
+
+    def _engine_for(self, batch: SampleList):
+        """``(engine, consistency)``: the model's per-task settings when it has them (``task_adversarial``,
+        pre-training: δ only for adv_tasks, per-task modality and consistency), else the one engine."""
+        task_adversarial = getattr(self.raw_model, "task_adversarial", None)
+        task = batch.get("task") if task_adversarial is not None else None
+        if not task:
+            return self.engine, None
+        if task not in self.task_engines:
+            config, consistency = task_adversarial(task, self.adv_config)
+            self.task_engines[task] = (FreeATEngine(config), consistency)
+            self.log.info(f"villa_free_at: task {task}: adv_training={config.adv_training}, modality={list(config.adv_modality)}")
+        return self.task_engines[task]

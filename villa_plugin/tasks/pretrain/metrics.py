@@ -23,6 +23,8 @@ from typing import Any, Dict, Mapping
 import torch
 import torch.nn.functional as F
 
+from villa_plugin.metrics import BaseMetric
+from villa_plugin.registry import registry
 from villa_plugin.tasks.pretrain.losses import mrc_hard_targets, mrckl_elementwise
 from villa_plugin.tasks.pretrain.model import is_kl_task, task_family
 
@@ -94,4 +96,88 @@ class PretrainValidation:
         return out
 
 
-__all__ = ["PretrainValidation"]
+
+
+# -- registered metrics (evaluation.metrics), one per (task, result) ----------------------------------
+
+METRIC_NAMES = {
+    "mlm": ("mlm_loss", "mlm_accuracy"),
+    "mrfr": ("mrfr_loss",),
+    "mrc": ("mrc_loss", "mrc_accuracy"),
+    "mrckl": ("mrckl_kl", "mrckl_accuracy"),
+    "itm": ("itm_loss", "itm_accuracy", "itm_ot_loss", "itm_ot_pos", "itm_ot_neg"),
+}
+SUM_NAMES = ("loss", "correct", "count", "ot_pos", "ot_neg")
+
+
+class PretrainMetric(BaseMetric):
+    """One result of :class:`PretrainValidation` for one task (``task``, ``result``), reducible across
+    ranks; batches of other tasks are ignored (the trainer evaluates each task view with its metrics)."""
+
+    task: str = ""
+    result: str = ""
+    state_names = SUM_NAMES
+
+    def update(self, batch, output: Dict[str, Any]) -> None:
+        if (output.get("task") or batch.get("task")) != self.task:
+            return
+        validation = PretrainValidation()
+        validation.update(self.task, output, batch)
+        for name, value in validation.sums().get(self.task, {}).items():
+            self._add(name, torch.tensor(float(value)))
+
+    def compute(self) -> float:
+        validation = PretrainValidation()
+        validation.load_sums({self.task: {name: float(getattr(self, name)) for name in SUM_NAMES
+                                          if name in ("loss", "correct", "count") or float(getattr(self, name)) != 0}})
+        results = validation.results()
+        if self.result not in results:
+            return float("nan") if float(self.count) == 0 else 0.0
+        return float(results[self.result])
+
+
+def _register_metrics() -> Dict[str, type]:
+    classes = {}
+    for task, names in METRIC_NAMES.items():
+        for name in names:
+            cls = type(f"Pretrain_{name}", (PretrainMetric,), {"task": task, "result": name, "__module__": __name__})
+            classes[name] = registry.register_metric(name)(cls)
+    return classes
+
+
+METRICS = _register_metrics()
+
+
+class MajorityBaseline(BaseMetric):
+    """The chance level of a task's accuracy: the share of its most frequent target on the evaluated
+    items (MLM: the masked tokens; ITM: the pairs), i.e. what always predicting one class scores.
+    Logged beside the accuracy (``mlm_chance``, ``itm_chance``)."""
+
+    task: str = ""
+
+    def reset(self) -> None:
+        self.counts = None
+
+    def update(self, batch, output: Dict[str, Any]) -> None:
+        if (output.get("task") or batch.get("task")) != self.task:
+            return
+        targets = batch["txt_labels"][batch["txt_labels"] != -1] if self.task == "mlm" else batch["targets"]
+        counts = torch.bincount(targets.detach().reshape(-1).cpu(), minlength=output["scores"].size(-1)).to(torch.float64)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def reduce(self, all_reduce_sum, device=None) -> None:
+        if self.counts is None:
+            raise RuntimeError(f"{self.task}_chance: this rank evaluated no {self.task} batch")
+        packed = self.counts.to(device) if device is not None else self.counts
+        self.counts = all_reduce_sum(packed).detach().cpu()
+
+    def compute(self) -> float:
+        if self.counts is None or float(self.counts.sum()) == 0:
+            return float("nan")
+        return float(self.counts.max() / self.counts.sum())
+
+
+CHANCE_METRICS = {task: registry.register_metric(f"{task}_chance")(
+    type(f"Pretrain_{task}_chance", (MajorityBaseline,), {"task": task, "__module__": __name__})) for task in ("mlm", "itm")}
+
+__all__ = ["PretrainValidation", "PretrainMetric", "MajorityBaseline", "METRICS", "CHANCE_METRICS", "METRIC_NAMES"]

@@ -90,21 +90,14 @@ class VQA2Builder(TaskBuilder):
     def read_txt_db(self, ctx: SplitContext) -> ExampleRecords:
         """UNITER's txt_dbs, ``txt_db[i]`` paired with ``img_db[i]`` (or every one with a single img_db)."""
         txt_dbs = self.open_txt_dbs(ctx)
-        if len(ctx.img_dbs) not in (1, len(txt_dbs)):
-            raise ConfigError(f"vqa2 {ctx.split}: {len(txt_dbs)} txt_dbs need 1 or {len(txt_dbs)} img_dbs "
-                              f"(paired in order), got {len(ctx.img_dbs)}")
         metas = {(str(t.meta.get("bert")), t.cls_, t.sep) for t in txt_dbs}
         if len(metas) > 1:
             raise DataError(f"vqa2 {ctx.split}: txt_dbs {[t.db_dir for t in txt_dbs]} were built with different "
                             f"tokenizers ({sorted(metas)}); all must share one vocabulary.")
         records = ExampleRecords.for_txt_dbs(txt_dbs)
-        for ex in self.txt_db_examples(ctx, txt_dbs):
-            pair = ex.db_index if len(ctx.img_dbs) > 1 else 0
-            img = ex.img_fname()
-            located = ctx.locate([img], ex.where, dbs=[[ctx.img_dbs[pair]]])
-            if located is not None:
-                qid = int(ex.key) if str(ex.key).isdigit() else ex.key
-                records.add(qid, ex.length, img, pair, txt=ex)
+        for ex, img, pair in self.paired_txt_db_examples(ctx, txt_dbs):
+            qid = int(ex.key) if str(ex.key).isdigit() else ex.key
+            records.add(qid, ex.length, img, pair, txt=ex)
         return records
 
     def read_vqa_json(self, ctx: SplitContext) -> ExampleRecords:
