@@ -15,6 +15,23 @@ from villa_plugin.common.errors import DataError
 from villa_plugin.common.sample_list import SampleList
 
 
+def packed_positions(txt_lens: torch.Tensor, num_bbs: torch.Tensor, max_txt_len: int, width: int):
+    """Vectorised packing of ``[txt_r, img_r, pad]`` rows ``width`` positions wide (no host sync).
+
+    ``txt_lens`` / ``num_bbs`` are integer tensors ``[R]`` (or ``[R, 1]``) on one device. Row r takes
+    text token p for p < tl_r, region p - tl_r (index ``max_txt_len + p - tl_r``) for
+    tl_r <= p < tl_r + nbb_r, and the identity index after (masked). Returns ``(gather_index,
+    attn_masks)``, LongTensors ``[R, width]``.
+    """
+    txt_lens = txt_lens.reshape(-1, 1).long()
+    num_bbs = num_bbs.reshape(-1, 1).long().to(txt_lens.device)
+    p = torch.arange(int(width), device=txt_lens.device).unsqueeze(0)
+    end = txt_lens + num_bbs
+    image_index = int(max_txt_len) + p - txt_lens
+    gather_index = torch.where(p < txt_lens, p, torch.where(p < end, image_index, p))
+    return gather_index, (p < end).long()
+
+
 def build_gather_index(txt_lens: Sequence[int], num_bbs: Sequence[int], max_txt_len: int, max_bb: int):
     """Index packing ``cat([txt (B, max_txt_len), img (B, max_bb)], 1)`` into ``[txt_i, img_i, pad]``.
 
@@ -33,34 +50,37 @@ def build_gather_index(txt_lens: Sequence[int], num_bbs: Sequence[int], max_txt_
         raise ValueError(
             f"txt_lens/num_bbs exceed the padded sizes (max_txt_len={max_txt_len}, max_bb={max_bb})"
         )
-    batch = len(txt_lens)
     out = max(t + n for t, n in zip(txt_lens, num_bbs))
-    gather_index = torch.arange(out, dtype=torch.long).unsqueeze(0).repeat(batch, 1)
-    attn_masks = torch.zeros(batch, out, dtype=torch.long)
-    for i, (tl, nbb) in enumerate(zip(txt_lens, num_bbs)):
-        gather_index[i, tl : tl + nbb] = torch.arange(max_txt_len, max_txt_len + nbb, dtype=torch.long)
-        attn_masks[i, : tl + nbb] = 1
-    return gather_index, attn_masks
+    return packed_positions(torch.tensor(txt_lens), torch.tensor(num_bbs), max_txt_len, out)
 
 
 def pad_ids(seqs: Sequence[Sequence[int]], pad: int = 0) -> torch.Tensor:
     """LongTensor ``[B, max_len]`` of token-id lists, right-padded with ``pad``."""
-    max_len = max(len(s) for s in seqs)
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    max_len = int(lens.max()) if len(seqs) else 0
     out = torch.full((len(seqs), max_len), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    # one tensor from all ids, scattered row-major into the places the lengths mark
+    flat = torch.tensor([int(t) for s in seqs for t in s], dtype=torch.long)
+    out[torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)] = flat
     return out
 
 
 def pad_tensors(tensors: Sequence[torch.Tensor], lens: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Zero-pad ``[n_i, D]`` tensors to ``[B, max n_i, D]`` (float32)."""
+    """Zero-pad ``[n_i, D]`` tensors (any float dtype, e.g. the img_db's fp16) to ``[B, max n_i, D]``
+    float32.
+
+    One uninitialised output, each row converted straight into its slice and only the padding
+    zeroed: no intermediate float32 copy per example and no second pass over the real rows.
+    """
     if lens is None:
         lens = [t.size(0) for t in tensors]
     max_len = max(lens)
     dim = tensors[0].size(-1)
-    out = torch.zeros(len(tensors), max_len, dim, dtype=torch.float32)
+    out = torch.empty(len(tensors), max_len, dim, dtype=torch.float32)
     for i, (t, n) in enumerate(zip(tensors, lens)):
-        out[i, :n] = t[:n].to(torch.float32)
+        out[i, :n] = t[:n]
+        if n < max_len:
+            out[i, n:].zero_()
     return out
 
 

@@ -267,10 +267,21 @@ class ImgFeatDB:
         return int(self._record(keys[0])["features"].shape[1]) if keys else None
 
     def __getitem__(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.regions(key, torch.float32)
+
+    def regions(self, key: str, feat_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(img_feat [nbb, D], img_pos_feat float32 [nbb, 7])``; ``img_feat`` in ``feat_dtype``, or
+        as stored (fp16 in UNITER's dbs) when None: a collate that converts into its float32 batch
+        (:func:`villa_plugin.datasets.collate.pad_tensors`) then skips a float32 copy per example
+        and gets the same values (fp16 -> fp32 is exact)."""
         rec = self._record(key)
         n = self._check_nbb(key, min(self.nbb(key), int(rec["features"].shape[0])))
-        # torch converts fp16 -> fp32 ~3x faster than numpy (the largest per-example cost after LMDB)
-        feat = torch.tensor(rec["features"][:n], dtype=torch.float32)
+        feats = rec["features"][:n]
+        if feat_dtype is None:
+            feat = torch.from_numpy(np.array(feats))  # writable copy of the decoded (read-only) bytes
+        else:
+            # torch converts fp16 -> fp32 ~3x faster than numpy
+            feat = torch.tensor(feats, dtype=feat_dtype)
         bb = torch.tensor(rec["norm_bb"][:n], dtype=torch.float32)
         return feat, pos_feat_7d(bb)
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from villa_plugin.common.errors import ConfigError, DataError
-from villa_plugin.datasets.collate import collate_rows, pad_ids
+from villa_plugin.datasets.collate import collate_rows, pad_ids, packed_positions
 from villa_plugin.datasets.features import ImgFeatDB
 
 logger = logging.getLogger(__name__)
@@ -412,14 +412,7 @@ def packed_layout(txt_lens: torch.Tensor, num_bbs: torch.Tensor, max_txt_len: in
     The width is not trimmed to ``max(tl + nbb)``: the extra positions are masked, so the outputs at
     the real positions are the same as with :func:`build_gather_index`.
     """
-    txt_lens = txt_lens.reshape(-1, 1).long()
-    num_bbs = num_bbs.reshape(-1, 1).long().to(txt_lens.device)
-    width = int(max_txt_len) + int(max_bb)
-    p = torch.arange(width, device=txt_lens.device).unsqueeze(0)
-    end = txt_lens + num_bbs
-    image_index = int(max_txt_len) + p - txt_lens
-    gather_index = torch.where(p < txt_lens, p, torch.where(p < end, image_index, p))
-    return gather_index, (p < end).long()
+    return packed_positions(txt_lens, num_bbs, max_txt_len, int(max_txt_len) + int(max_bb))
 
 
 __all__ += ["packed_layout"]

@@ -21,7 +21,8 @@ class VQADataset(BaseDataset):
 
     Text comes either from memory (``input_ids`` / ``targets`` lists, built from VQA JSON) or from
     txt_dbs (``txt_keys`` + ``txt_db_index``, read per item). ``__getitem__`` returns
-    ``{id, input_ids ([CLS] q [SEP]), img_feat, img_pos_feat, target}``.
+    ``{id, input_ids ([CLS] q [SEP]), img_feat (the db's dtype, fp16), img_pos_feat, target}``;
+    :meth:`collate` makes the float32 batch.
     """
 
     def __init__(self, dataset_name: str, dataset_type: str, config: Any, records: ExampleRecords,
@@ -58,7 +59,8 @@ class VQADataset(BaseDataset):
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         ids, target = self._text(i)
-        img_feat, img_pos_feat = self.img_dbs[self.img_db_index[i]][self.img_keys[i]]
+        # features as stored (fp16): vqa_collate converts them straight into its float32 batch
+        img_feat, img_pos_feat = self.img_dbs[self.img_db_index[i]].regions(self.img_keys[i])
         return {
             "id": self.qids[i],
             "input_ids": [self.cls_id, *[int(t) for t in ids], self.sep_id],
