@@ -3,10 +3,9 @@ it replaced (kept here as the reference), for fp32 rows and for the img_db's fp1
 import numpy as np
 import torch
 
+from datasets_testlib import region_record
 from villa_plugin.datasets.collate import build_gather_index, collate_rows, pad_ids, pad_tensors, vqa_collate
 from villa_plugin.datasets.features import ImgFeatDB, write_img_db
-
-from tests.datasets.datasets_testlib import region_record
 
 
 # -- the reference: the per-example loops collate.py used before (commit 984c5f5) -------------------

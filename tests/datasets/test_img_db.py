@@ -175,3 +175,14 @@ def test_writer_refuses_to_overwrite(tmp_path):
     write_img_db(str(tmp_path), [("a.npz", region_record(12, CONFS))])
     with pytest.raises(DataError, match="already exists"):
         write_img_db(str(tmp_path), [("a.npz", region_record(12, CONFS))])
+
+
+def test_lmdb_get_copies_and_get_view_does_not(tmp_path):
+    write_img_db(str(tmp_path), [("a.npz", region_record(12, CONFS))], min_bb=2)
+    db = ImgFeatDB(str(tmp_path), min_bb=2)
+    value, view = db.db.get("a.npz"), db.db.get_view("a.npz")
+    assert type(value) is bytes and isinstance(view, memoryview) and view.readonly
+    assert bytes(view) == value
+    assert db.db.get("missing") is None and db.db.get_view("missing") is None
+    rec = decode_record(view)
+    assert rec["features"].base is not None and not np.shares_memory(rec["features"], np.frombuffer(view, np.uint8))

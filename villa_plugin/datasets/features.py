@@ -130,9 +130,10 @@ def encode_record(record: Mapping[str, np.ndarray], compressed: bool = False) ->
     return msgpack.packb({**arrays, CRC_KEY: arrays_crc32(arrays)}, default=_encode_ndarray, use_bin_type=True)
 
 
-def decode_record(value: bytes) -> Dict[str, np.ndarray]:
-    """Decode either encoding (sniffed: npz values are zip archives starting with ``PK``); a record
-    whose bytes do not match its CRC raises ValueError."""
+def decode_record(value) -> Dict[str, np.ndarray]:
+    """Decode either encoding (sniffed: npz values are zip archives starting with ``PK``) from bytes
+    or a buffer (the arrays returned own their memory); a record whose bytes do not match its CRC
+    raises ValueError."""
     if value[:2] == b"PK":
         with np.load(io.BytesIO(value), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -203,7 +204,7 @@ class ImgFeatDB:
         return key in self.db
 
     def _record(self, key: str) -> Dict[str, np.ndarray]:
-        value = self.db.get(key)
+        value = self.db.get_view(key)  # decoding copies what it keeps (msgpack bin / npz members)
         if value is None:
             raise DataError(
                 f'Image "{key}" is not in img_db {self.db_path}. The annotation refers to an image this '

@@ -80,12 +80,20 @@ class LazyLmdb:
 
     def _open(self):
         if self._txn is None or self._pid != os.getpid():
-            self._txn = _shared_env(self.path, self.what).begin(buffers=False)
+            # buffers: values come as zero-copy views of the map (see get_view); get() copies
+            self._txn = _shared_env(self.path, self.what).begin(buffers=True)
             self._pid = os.getpid()
         return self._txn
 
     def get(self, key: str) -> Optional[bytes]:
         """Raw value of ``key`` (a str), or None when absent."""
+        value = self._open().get(key.encode("utf-8"))
+        return None if value is None else bytes(value)
+
+    def get_view(self, key: str) -> Optional[memoryview]:
+        """Value of ``key`` as a read-only view into the memory map, without the copy :meth:`get`
+        makes, or None. Valid only while this handle's transaction lives (until :meth:`close`, a
+        fork or pickling): decode it at once and keep only copies."""
         return self._open().get(key.encode("utf-8"))
 
     def __contains__(self, key: str) -> bool:
