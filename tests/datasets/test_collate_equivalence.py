@@ -1,10 +1,13 @@
 """The vectorised collation gives bit-identical batches to the straightforward per-example loops
 it replaced (kept here as the reference), for fp32 rows and for the img_db's fp16 rows."""
 import numpy as np
+import pytest
 import torch
 
 from datasets_testlib import region_record
-from villa_plugin.datasets.collate import build_gather_index, collate_rows, pad_ids, pad_tensors, vqa_collate
+from villa_plugin.datasets.collate import (
+    build_gather_index, collate_rows, pad_ids, pad_tensors, soft_targets, vqa_collate,
+)
 from villa_plugin.datasets.features import ImgFeatDB, write_img_db
 
 
@@ -103,3 +106,23 @@ def test_img_db_regions_fp16_convert_to_the_fp32_read(tmp_path):
     new, old = collate_rows(rows16), collate_rows(rows32)
     _assert_same(new["img_feat"], old["img_feat"])
     _assert_same(new["img_feat"], ref_pad_tensors([r["img_feat"] for r in rows32], old["num_bbs"]))
+
+
+def ref_soft_targets(labels_scores, num_answers):
+    targets = torch.zeros(len(labels_scores), num_answers, dtype=torch.float32)
+    for i, t in enumerate(labels_scores):
+        if t and t.get("labels"):
+            targets[i, torch.as_tensor(list(t["labels"]), dtype=torch.long)] = torch.as_tensor(
+                list(t["scores"]), dtype=torch.float32)
+    return targets
+
+
+def test_soft_targets_match_row_by_row_assignment():
+    rng = np.random.default_rng(3)
+    batch = [{"labels": rng.choice(50, k, replace=False).tolist(), "scores": rng.uniform(0, 1, k).tolist()}
+             for k in rng.integers(0, 6, 30)] + [None, {}]
+    _assert_same(soft_targets(batch, 50), ref_soft_targets(batch, 50))
+    # a repeated label (the last score wins) and a single score broadcast over a row's labels
+    odd = [{"labels": [4, 7, 4], "scores": [0.3, 0.6, 0.9]}, {"labels": [1, 2], "scores": [0.5]}]
+    _assert_same(soft_targets(odd, 10), ref_soft_targets(odd, 10))
+    assert soft_targets(odd, 10)[0, 4] == pytest.approx(0.9)

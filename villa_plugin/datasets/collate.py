@@ -126,6 +126,10 @@ def soft_targets(labels_scores: Sequence[Optional[Dict[str, Sequence]]], num_ans
     """Dense ``[B, num_answers]`` soft-score targets from ``{'labels': [...], 'scores': [...]}``
     (``None`` or empty gives a zero row)."""
     targets = torch.zeros(len(labels_scores), num_answers, dtype=torch.float32)
+    rows: List[int] = []
+    flat_labels: List[Any] = []
+    flat_scores: List[Any] = []
+    per_row = []
     for i, t in enumerate(labels_scores):
         if not t:
             continue
@@ -136,6 +140,18 @@ def soft_targets(labels_scores: Sequence[Optional[Dict[str, Sequence]]], num_ans
                     f"Answer label {max(labels)} is outside the answer vocabulary of {num_answers}; "
                     f"check num_answers against the ans2label file used to build the txt_db."
                 )
+            per_row.append((i, labels, scores))
+            rows += [i] * len(labels)
+            flat_labels += labels
+            flat_scores += scores
+    # one scatter for the whole batch, unless a row repeats a label or has a score list of another
+    # length: then row by row, as index assignment defines those cases
+    if len(flat_scores) == len(rows) and len(set(zip(rows, flat_labels))) == len(rows):
+        if rows:
+            targets[torch.tensor(rows), torch.as_tensor(flat_labels, dtype=torch.long)] = torch.as_tensor(
+                flat_scores, dtype=torch.float32)
+    else:
+        for i, labels, scores in per_row:
             targets[i, torch.as_tensor(labels, dtype=torch.long)] = torch.as_tensor(scores, dtype=torch.float32)
     return targets
 
