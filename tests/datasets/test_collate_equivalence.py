@@ -66,6 +66,9 @@ def test_helpers_match_reference_loops():
         _assert_same(pad_ids(seqs, pad=-100), ref_pad_ids(seqs, pad=-100))
         feats = [torch.randn(n + 2, 5).half() for n in nbbs]   # rows beyond the length are cut
         _assert_same(pad_tensors(feats, nbbs), ref_pad_tensors(feats, nbbs))
+        exact = [torch.randn(n, 7) for n in nbbs]              # float32 at their length: pad_sequence
+        _assert_same(pad_tensors(exact, nbbs), ref_pad_tensors(exact, nbbs))
+        _assert_same(pad_tensors(exact), ref_pad_tensors(exact, nbbs))
 
 
 def test_collate_of_fp16_rows_equals_the_old_fp32_path():
