@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from datasets_testlib import region_record
 from villa_plugin.common.errors import DataError
@@ -68,3 +69,22 @@ def test_records_round_trip_and_keep_no_checksum_key(tmp_path):
     db = ImgFeatDB(str(tmp_path / "coco"), conf_th=0.2, max_bb=100, min_bb=4)
     assert sorted(db.dump("img_1.npz")) == ["conf", "features", "norm_bb"]
     assert db["img_1.npz"][0].shape == (6, 2048)
+
+
+def test_a_record_is_checked_once_per_process_and_a_failed_one_every_time(tmp_path, monkeypatch):
+    from villa_plugin.datasets import features
+    _write(tmp_path, compressed=False, n_images=2)
+    db = ImgFeatDB(str(tmp_path / "coco"), conf_th=0.2, max_bb=100, min_bb=4)
+    checked = []
+    real = features.arrays_crc32
+    monkeypatch.setattr(features, "arrays_crc32", lambda arrays: checked.append(1) or real(arrays))
+    first = db["img_0.npz"][0]
+    assert torch.equal(db.regions("img_0.npz")[0].float(), first) and len(checked) == 1
+    db["img_1.npz"]
+    assert len(checked) == 2
+    # a record that fails its check is not remembered: it fails again on the next read
+    monkeypatch.setattr(features, "arrays_crc32", lambda arrays: -1)
+    db2 = ImgFeatDB(str(tmp_path / "coco"), conf_th=0.2, max_bb=100, min_bb=4)
+    for _ in range(2):
+        with pytest.raises(DataError, match="checksum"):
+            db2["img_0.npz"]
