@@ -79,7 +79,7 @@ class Nlvr2Dataset(BaseDataset):
         ids, target = self._text(i)
         rows = []
         for side, (db_index, key) in enumerate(zip(self.img_db_index[i], self.img_keys[i])):
-            feat, pos = self.img_dbs[db_index][key]
+            feat, pos = self.img_dbs[db_index].regions(key)  # fp16 as stored: the collate makes float32
             img_type = side + 1 if self.use_img_type else None
             rows.append(make_row(self.cls_id, self.sep_id, [ids], feat, pos, img_type=img_type, row_id=self.identifiers[i]))
         return {"id": self.identifiers[i], "rows": rows, "target": target, "sentence_index": int(self.sentence_index[i])}

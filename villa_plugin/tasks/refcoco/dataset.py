@@ -105,7 +105,7 @@ class RefcocoDataset(BaseDataset):
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         ids, explicit = self._text(i)
-        feat, pos = self.img_db[self.img_keys[i]]
+        feat, pos = self.img_db.regions(self.img_keys[i])  # fp16 as stored: the collate makes float32
         row = make_row(self.cls_id, self.sep_id, [ids], feat, pos, row_id=self.sent_ids[i])
         row.update(target=self.target(i, pos, explicit), gt_box=self.gt_boxes[i], image_size=self.image_sizes[i])
         return row
