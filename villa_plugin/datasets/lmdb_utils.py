@@ -97,7 +97,7 @@ class LazyLmdb:
         return self._open().get(key.encode("utf-8"))
 
     def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
+        return self.get_view(key) is not None
 
     def close(self) -> None:
         """Drop this handle's transaction (the environment stays open for other readers)."""
