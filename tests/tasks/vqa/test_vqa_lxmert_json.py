@@ -80,3 +80,29 @@ def test_bad_records_name_the_file_and_record(tmp_path, vocab_file):
         VQA2Builder("vqa2", dict(cfg, img_key_format="coco_{subtype}_{image_id:012d}.npz")).build_dataset("train")
     with pytest.raises(DataError, match=r"train.json, question 9001: image \"x_COCO"):
         VQA2Builder("vqa2", dict(cfg, img_key_format="x_{img_id}")).build_dataset("train")
+
+
+def test_majority_baseline_is_the_score_of_the_most_frequent_training_answer(tmp_path, vocab_file):
+    files = _files()
+    files["minival"] = [_record(1, IMG[1], "what", {"yes": 1}), _record(2, IMG[1], "what", {"no": 1, "yes": 0.3}),
+                        _record(3, IMG[1], "what", {"2": 1}), _record(4, IMG[1], "what", {"no": 0.6})]
+    cfg = _config(tmp_path, vocab_file, files)
+    train = VQA2Builder("vqa2", cfg).build_dataset("train")  # total scores: yes 1.0, no 0.9, 2 0.9
+    val = VQA2Builder("vqa2", cfg).build_dataset("val")
+    assert val.baselines(train) == {"majority_baseline": pytest.approx((1 + 0.3 + 0 + 0) / 4)}
+    assert val.baselines() == {"majority_baseline": pytest.approx((0 + 1 + 0 + 0.6) / 4)}  # its own: "no" 1.6
+    test = VQA2Builder("vqa2", cfg).build_dataset("test")
+    assert test.baselines(train) == {}  # no targets, no baseline
+
+
+def test_trainer_reports_dataset_baselines_per_split():
+    from villa_plugin.trainers.base_trainer import dataset_baselines
+
+    class WithBaseline:
+        def baselines(self, train):
+            return {"majority_baseline": 0.25 if train is not None else 0.5}
+
+    datasets = {"train": {"a": object()}, "val": {"a": WithBaseline(), "b": object()}, "test": {"a": WithBaseline()}}
+    assert dataset_baselines(datasets) == {"val": {"val/a/majority_baseline": 0.25},
+                                           "test": {"test/a/majority_baseline": 0.25}}
+    assert dataset_baselines({"val": {"a": WithBaseline()}}) == {"val": {"val/a/majority_baseline": 0.5}}
