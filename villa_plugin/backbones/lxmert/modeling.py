@@ -76,7 +76,9 @@ def init_lxmert_weights(module: nn.Module, initializer_range: float = 0.02) -> N
 # ----------------------------------------------------------------------------------------------
 class LxmertEmbeddings(nn.Module):
     """``dropout(LN(word(ids) [+ δ] + position + type))``; all three tables have ``padding_idx=0``
-    (so the [PAD] word row, position row 0 and type row 0 never get a gradient, as in the reference)."""
+    (so the [PAD] word row, position row 0 and type row 0 never get a gradient, as in the reference).
+    A forward with ``delta`` leaves ``perturbed_input_norm`` ``[R]``: the row L2 norm of the word
+    embeddings δ was added to (detached), so VILLA can report δ's size relative to its input."""
 
     def __init__(self, config: LxmertConfig):
         super().__init__()
@@ -85,6 +87,7 @@ class LxmertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.perturbed_input_norm: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -106,6 +109,7 @@ class LxmertEmbeddings(nn.Module):
         with _no_autocast(words.device):
             words = _at_least_fp32(words)
             if delta is not None:  # VILLA text δ: before position/type and LayerNorm
+                self.perturbed_input_norm = words.detach().float().flatten(1).norm(dim=1)
                 words = words + delta.to(words.dtype)
             summed = (
                 words

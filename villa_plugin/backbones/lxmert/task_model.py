@@ -214,7 +214,9 @@ class LxmertForTask(BaseModel):
         return {"text": self.text_mask(batch), "image": self.visual_mask(batch)}
 
     def forward(self, batch, perturbation: Optional[Dict[str, Optional[torch.Tensor]]] = None) -> Dict[str, Any]:
-        """``{"scores": logits [examples, num_labels]}`` (losses are added by ``BaseModel.__call__``)."""
+        """``{"scores": logits [examples, num_labels]}`` (losses are added by ``BaseModel.__call__``). A
+        perturbed forward adds ``perturbed_input_norms``: the row L2 norms ``[R]`` of the inputs δ is
+        added to (word embeddings, raw region features), as UNITER's."""
         txt_delta, img_delta = self._split_perturbation(batch, perturbation)
         output = self.lxmert(
             batch["input_ids"],
@@ -227,7 +229,13 @@ class LxmertForTask(BaseModel):
         )
         layout = TokenLayout(attn_masks=self.text_mask(batch).long(), text_width=int(batch["input_ids"].size(1)),
                              image_width=0, packed=False)
-        return {"scores": self.head(TrunkOutput(output.language, output.pooled, layout), batch)}
+        result = {"scores": self.head(TrunkOutput(output.language, output.pooled, layout), batch)}
+        if txt_delta is not None or img_delta is not None:
+            result["perturbed_input_norms"] = {
+                "text": self.lxmert.embeddings.perturbed_input_norm if txt_delta is not None else None,
+                "image": batch["img_feat"].detach().float().flatten(1).norm(dim=1) if img_delta is not None else None,
+            }
+        return result
 
     def _split_perturbation(self, batch, perturbation):
         if perturbation is None:
