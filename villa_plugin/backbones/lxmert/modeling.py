@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from villa_plugin.backbones.attention import BertStyleAttention
 from villa_plugin.backbones.lxmert.config import LxmertConfig
 
 MASK_VALUE = -10000.0  # the reference's additive mask constant (HF uses finfo.min)
@@ -145,47 +145,15 @@ class LxmertVisualFeatEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Attention and feed-forward blocks (post-LN)
 # ----------------------------------------------------------------------------------------------
-class LxmertAttention(nn.Module):
+class LxmertAttention(BertStyleAttention):
     """Multi-head attention of ``hidden`` (queries) over ``context`` (keys/values): the official
     ``BertAttention``, used for self-attention (context = hidden) and cross-attention."""
-
-    def __init__(self, config: LxmertConfig):
-        super().__init__()
-        self.num_attention_heads = config.num_attention_heads
-        self.attention_head_size = config.hidden_size // config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self.attn_implementation = config.attn_implementation
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def forward(
         self, hidden: torch.Tensor, context: torch.Tensor, attention_mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """``attention_mask``: additive ``[B, 1, 1, S_context]`` or None (every position attends)."""
-        query = self._split_heads(self.query(hidden))
-        key = self._split_heads(self.key(context))
-        value = self._split_heads(self.value(context))
-        if self.attn_implementation == "sdpa":
-            out = F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                attn_mask=None if attention_mask is None else attention_mask.to(query.dtype),
-                dropout_p=self.dropout.p if self.training else 0.0,
-            )
-        else:
-            scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = self.dropout(F.softmax(scores, dim=-1))
-            out = torch.matmul(probs.to(value.dtype), value)
-        batch, _, length, _ = out.shape
-        return out.transpose(1, 2).reshape(batch, length, self.num_attention_heads * self.attention_head_size)
+        return self.attend(hidden, context, attention_mask)
 
 
 class LxmertResidualOutput(nn.Module):

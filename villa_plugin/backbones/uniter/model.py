@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from villa_plugin.backbones.attention import BertStyleAttention
 from villa_plugin.common.errors import ConfigError
 
 IMG_DIM = 2048  # BUTD region feature size
@@ -230,42 +230,13 @@ class UniterImageEmbeddings(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Encoder: post-LN BERT layers
 # ----------------------------------------------------------------------------------------------
-class UniterSelfAttention(nn.Module):
-    def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.num_attention_heads = config.num_attention_heads
-        self.attention_head_size = config.hidden_size // config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self.attn_implementation = config.attn_implementation
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+class UniterSelfAttention(BertStyleAttention):
+    """BERT self-attention (``attention.self.*`` in the checkpoint)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``attention_mask`` ``[B, 1, 1, S]``: boolean (True keep; the sdpa path) or additive
         (0 keep, -10000 drop; eager, or callers of the layers)."""
-        query = self._split_heads(self.query(hidden_states))
-        key = self._split_heads(self.key(hidden_states))
-        value = self._split_heads(self.value(hidden_states))
-        if self.attn_implementation == "sdpa":
-            # The Dropout module's p is read here so that changing it (set_dropout) takes effect.
-            context = F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(query.dtype),
-                dropout_p=self.dropout.p if self.training else 0.0,
-            )
-        else:
-            scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
-            probs = self.dropout(F.softmax(scores + attention_mask, dim=-1))
-            context = torch.matmul(probs.to(value.dtype), value)
-        batch, _, length, _ = context.shape
-        return context.transpose(1, 2).reshape(batch, length, self.num_attention_heads * self.attention_head_size)
+        return self.attend(hidden_states, hidden_states, attention_mask)
 
 
 class UniterSelfOutput(nn.Module):

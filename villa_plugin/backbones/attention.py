@@ -1,0 +1,55 @@
+"""Multi-head attention as BERT writes it (``query`` / ``key`` / ``value`` Linear layers, eager softmax
+or PyTorch's sdpa), shared by the UNITER and LXMERT backbones. The parameter names are the
+checkpoints' (``attention.self.query.weight`` and so on): a backbone's attention module subclasses it."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BertStyleAttention(nn.Module):
+    """Attention of ``hidden`` (queries) over ``context`` (keys / values), output ``[B, Lq, H]``.
+
+    ``config`` needs ``hidden_size``, ``num_attention_heads``, ``attention_probs_dropout_prob`` and
+    ``attn_implementation`` (``eager`` | ``sdpa``).
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.attn_implementation = config.attn_implementation
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def attend(self, hidden: torch.Tensor, context: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``attention_mask`` ``[B, 1, 1, S_context]``: additive (0 keep, -10000 drop), boolean (True
+        keep; the sdpa path only) or None (every position attends)."""
+        query = self._split_heads(self.query(hidden))
+        key = self._split_heads(self.key(context))
+        value = self._split_heads(self.value(context))
+        if self.attn_implementation == "sdpa":
+            if attention_mask is not None and attention_mask.dtype != torch.bool:
+                attention_mask = attention_mask.to(query.dtype)
+            # The Dropout module's p is read here so that changing it (set_dropout) takes effect.
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0
+            )
+        else:
+            scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = self.dropout(F.softmax(scores, dim=-1))
+            out = torch.matmul(probs.to(value.dtype), value)
+        batch, _, length, _ = out.shape
+        return out.transpose(1, 2).reshape(batch, length, self.num_attention_heads * self.attention_head_size)
