@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from villa_plugin.adversarial.protocol import split_perturbation
 from villa_plugin.backbones.lxmert import optimization  # noqa: F401  (registers bert_adam)
 from villa_plugin.backbones.lxmert.answer_table import pretrain_answer_list
 from villa_plugin.backbones.lxmert.config import LxmertConfig
@@ -54,7 +55,6 @@ from villa_plugin.models.trunk import TokenLayout, TrunkDims, TrunkOutput
 from villa_plugin.optim import build_param_groups
 from villa_plugin.registry import registry
 
-PERTURBATION_KEYS = ("text", "image")
 BOX_COLUMNS = 4
 UNITER_BOX_COLUMNS = (6, 7)  # norm_bb (x1, y1, x2, y2, w, h) [+ area]
 
@@ -217,7 +217,7 @@ class LxmertForTask(BaseModel):
         """``{"scores": logits [examples, num_labels]}`` (losses are added by ``BaseModel.__call__``). A
         perturbed forward adds ``perturbed_input_norms``: the row L2 norms ``[R]`` of the inputs δ is
         added to (word embeddings, raw region features), as UNITER's."""
-        txt_delta, img_delta = self._split_perturbation(batch, perturbation)
+        txt_delta, img_delta = split_perturbation(self, batch, perturbation)
         output = self.lxmert(
             batch["input_ids"],
             self.text_mask(batch),
@@ -236,19 +236,6 @@ class LxmertForTask(BaseModel):
                 "image": batch["img_feat"].detach().float().flatten(1).norm(dim=1) if img_delta is not None else None,
             }
         return result
-
-    def _split_perturbation(self, batch, perturbation):
-        if perturbation is None:
-            return None, None
-        if not isinstance(perturbation, dict) or set(perturbation) - set(PERTURBATION_KEYS):
-            keys = list(perturbation) if isinstance(perturbation, dict) else type(perturbation).__name__
-            raise ValueError(f"perturbation must be None or a dict with keys in {PERTURBATION_KEYS}, got {keys}")
-        shapes = self.perturbation_shapes(batch)
-        for key in PERTURBATION_KEYS:
-            delta = perturbation.get(key)
-            if delta is not None and tuple(delta.shape) != shapes[key]:
-                raise ValueError(f"perturbation['{key}'] has shape {tuple(delta.shape)}, expected {shapes[key]}")
-        return perturbation.get("text"), perturbation.get("image")
 
 
 def lxmert_head_class(name: str) -> type:
