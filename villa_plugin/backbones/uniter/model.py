@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from villa_plugin.backbones.attention import BertStyleAttention
+from villa_plugin.backbones.common import check_attention_shape, check_config_keys
 from villa_plugin.common.errors import ConfigError
 
 IMG_DIM = 2048  # BUTD region feature size
@@ -66,21 +67,12 @@ class UniterConfig:
                 f'UNITER uses hidden_act "gelu" (erf form); got "{self.hidden_act}". '
                 f'Remove the key or set it to "gelu".'
             )
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ConfigError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                f"({self.num_attention_heads})."
-            )
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError(f'attn_implementation must be "sdpa" or "eager", got "{self.attn_implementation}".')
+        check_attention_shape(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "UNITER config") -> "UniterConfig":
         """Build from a dict; unknown keys are an error naming ``source`` and the known keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown UNITER config key(s) {unknown}; known keys: {sorted(known)}.")
+        check_config_keys(cls, values, source, "UNITER")
         return cls(**dict(values))
 
     @classmethod
