@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa_plugin.backbones.attention import BertStyleAttention
+from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput
 from villa_plugin.backbones.lxmert.config import LxmertConfig
 
 MASK_VALUE = -10000.0  # the reference's additive mask constant (HF uses finfo.min)
@@ -156,18 +156,7 @@ class LxmertAttention(BertStyleAttention):
         return self.attend(hidden, context, attention_mask)
 
 
-class LxmertResidualOutput(nn.Module):
-    """``LN(x + dropout(dense(h)))``: the official ``BertAttOutput`` (``in_size = H``) and
-    ``BertOutput`` (``in_size = intermediate_size``)."""
-
-    def __init__(self, config: LxmertConfig, in_size: int):
-        super().__init__()
-        self.dense = nn.Linear(in_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+LxmertResidualOutput = ResidualOutput  # the official BertAttOutput / BertOutput
 
 
 class LxmertSelfAttLayer(nn.Module):
@@ -196,15 +185,7 @@ class LxmertCrossAttLayer(nn.Module):
         return self.output(self.att(hidden, context, context_mask), hidden)
 
 
-class LxmertIntermediate(nn.Module):
-    """``gelu(dense(h))`` with the exact (erf) GeLU."""
-
-    def __init__(self, config: LxmertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(hidden))
+LxmertIntermediate = GeluIntermediate  # the official BertIntermediate
 
 
 class LxmertLayer(nn.Module):

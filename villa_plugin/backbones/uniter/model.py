@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa_plugin.backbones.attention import BertStyleAttention
+from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput
 from villa_plugin.backbones.common import check_attention_shape, check_config_keys
 from villa_plugin.common.errors import ConfigError
 
@@ -231,15 +231,11 @@ class UniterSelfAttention(BertStyleAttention):
         return self.attend(hidden_states, hidden_states, attention_mask)
 
 
-class UniterSelfOutput(nn.Module):
-    def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+class UniterSelfOutput(ResidualOutput):
+    """``attention.output.*``: ``LN(x + dropout(dense(h)))`` on the hidden width."""
 
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+    def __init__(self, config: UniterConfig):
+        super().__init__(config, config.hidden_size)
 
 
 class UniterAttention(nn.Module):
@@ -252,24 +248,14 @@ class UniterAttention(nn.Module):
         return self.output(self.self(hidden_states, attention_mask), hidden_states)
 
 
-class UniterIntermediate(nn.Module):
+UniterIntermediate = GeluIntermediate  # "intermediate.dense": erf GeLU
+
+
+class UniterOutput(ResidualOutput):
+    """``output.*``: ``LN(x + dropout(dense(h)))`` from the intermediate width."""
+
     def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(hidden_states))  # erf form
-
-
-class UniterOutput(nn.Module):
-    def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        super().__init__(config, config.intermediate_size)
 
 
 class UniterLayer(nn.Module):

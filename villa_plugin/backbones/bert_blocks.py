@@ -1,6 +1,8 @@
-"""Multi-head attention as BERT writes it (``query`` / ``key`` / ``value`` Linear layers, eager softmax
-or PyTorch's sdpa), shared by the UNITER and LXMERT backbones. The parameter names are the
-checkpoints' (``attention.self.query.weight`` and so on): a backbone's attention module subclasses it."""
+"""BERT's post-LN blocks, shared by the UNITER and LXMERT backbones: multi-head attention (``query`` /
+``key`` / ``value`` Linear layers, eager softmax or PyTorch's sdpa), the residual output
+``LN(x + dropout(dense(h)))`` and the erf-GeLU intermediate. The parameter names are the
+checkpoints' (``attention.self.query.weight``, ``output.LayerNorm.bias`` and so on); a backbone's
+modules subclass these or use them as they are."""
 from __future__ import annotations
 
 import math
@@ -53,3 +55,28 @@ class BertStyleAttention(nn.Module):
             out = torch.matmul(probs.to(value.dtype), value)
         batch, _, length, _ = out.shape
         return out.transpose(1, 2).reshape(batch, length, self.num_attention_heads * self.attention_head_size)
+
+
+class ResidualOutput(nn.Module):
+    """``LN(x + dropout(dense(h)))``: BERT's ``SelfOutput`` (``in_size = hidden_size``) and ``Output``
+    (``in_size = intermediate_size``). ``config``: ``hidden_size``, ``layer_norm_eps``, ``hidden_dropout_prob``."""
+
+    def __init__(self, config: Any, in_size: int):
+        super().__init__()
+        self.dense = nn.Linear(in_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class GeluIntermediate(nn.Module):
+    """``gelu(dense(h))`` with the exact (erf) GeLU, ``hidden_size`` -> ``intermediate_size``."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(hidden))
