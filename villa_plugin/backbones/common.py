@@ -1,10 +1,11 @@
-"""Set-up pieces every backbone's architecture config needs: unknown keys and the attention shape."""
+"""Set-up pieces every backbone needs: config keys, the attention shape, the pre-trained file's path."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping, Sequence
 
-from villa_plugin.common.errors import ConfigError
+from villa_plugin.common.errors import CheckpointError, ConfigError
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -30,3 +31,15 @@ def check_attention_shape(config: Any, prefix: str = "", implementations: Sequen
         raise ConfigError(
             f'{prefix}attn_implementation must be one of {tuple(implementations)}, got "{config.attn_implementation}".'
         )
+
+
+def existing_checkpoint(key: str, checkpoint: str) -> str:
+    """The expanded path of ``key`` = ``checkpoint`` (a ``pretrained_checkpoint`` setting); a
+    CheckpointError naming the key and the resolved path when no such file exists."""
+    path = os.path.expanduser(str(checkpoint))
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{key} = {checkpoint}: file not found (resolved to {os.path.abspath(path)}). Fix the path, or set "
+            f"it to \"\" to start from random weights."
+        )
+    return path

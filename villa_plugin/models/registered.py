@@ -30,12 +30,12 @@ encoder for heads that score rows of their own), never the trunk module.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 from villa_plugin.adversarial.protocol import split_perturbation
+from villa_plugin.backbones.common import existing_checkpoint
 from villa_plugin.common.errors import CheckpointError, ConfigError
 from villa_plugin.common.input_spec import InputSpec, Size
 from villa_plugin.config.paths import bundled_path
@@ -150,13 +150,7 @@ class UNITER(BaseModel):
             if self.embedding_growth is not None:
                 apply_embedding_growth(self, self.embedding_growth)
             return
-        path = os.path.expanduser(str(checkpoint))
-        if not os.path.isfile(path):
-            raise CheckpointError(
-                f"{self._key('pretrained_checkpoint')} = {checkpoint}: file not found "
-                f"(resolved to {os.path.abspath(path)}). Fix the path, or set it to \"\" "
-                f"to start from random weights."
-            )
+        path = existing_checkpoint(self._key("pretrained_checkpoint"), checkpoint)
         if self.embedding_growth is None:
             self.load_report = load_uniter_checkpoint(self, path, head_module=self.head_module_name)
             return

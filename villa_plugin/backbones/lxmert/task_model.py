@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from villa_plugin.adversarial.protocol import split_perturbation
+from villa_plugin.backbones.common import existing_checkpoint
 from villa_plugin.backbones.lxmert import optimization  # noqa: F401  (registers bert_adam)
 from villa_plugin.backbones.lxmert.answer_table import pretrain_answer_list
 from villa_plugin.backbones.lxmert.config import LxmertConfig
@@ -132,12 +133,7 @@ class LxmertForTask(BaseModel):
                 raise ConfigError(f"{self.KEY}.answer_surgery is set but {self.KEY}.pretrained_checkpoint is empty: "
                                   f"the surgery copies the pre-trained QA head. Set both, or clear answer_surgery.")
             return
-        path = os.path.expanduser(str(checkpoint))
-        if not os.path.isfile(path):
-            raise CheckpointError(
-                f"{self.KEY}.pretrained_checkpoint = {checkpoint}: file not found (resolved to "
-                f"{os.path.abspath(path)}). Fix the path, or set it to \"\" to start from random weights."
-            )
+        path = existing_checkpoint(f"{self.KEY}.pretrained_checkpoint", checkpoint)
         if any(answer_files.values()) and not all(answer_files.values()):
             raise ConfigError(f"{self.KEY}.answer_surgery needs both task_answers and pretrain_answers "
                               f"(got {answer_files}).")
