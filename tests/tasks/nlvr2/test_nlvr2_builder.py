@@ -172,3 +172,19 @@ def test_lxmert_records_errors_name_the_file_and_record_and_img_id_names_images(
     (tmp_path / "lxmert" / "valid.json").write_text(json.dumps(records))
     with pytest.raises(DataError, match=r"valid\.json, record 2: a NLVR2 record needs \['img1'\]"):
         builder(tmp_path, "lxmert_json").build_dataset("val")
+
+
+def test_majority_baseline_is_the_share_of_the_most_frequent_training_label(tmp_path):
+    write_data(tmp_path)  # labels True, False, False, True
+    val = builder(tmp_path, "annotations").build_dataset("val")
+    assert val.baselines() == {"majority_baseline": 0.5}  # a tie: False
+    train = builder(tmp_path, "lxmert_json", split="train", max_txt_len=8).build_dataset("train")  # True, False, False
+    assert val.baselines(train) == {"majority_baseline": 0.5}
+    true_heavy = [dict(a, label="True") for a in ANNOTATIONS[:3]]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "train.json").write_text("".join(json.dumps(a) + "\n" for a in true_heavy))
+    train = builder(tmp_path, "annotations", split="train", annotations={"train": ["t/train.json"]}).build_dataset("train")
+    partial = builder(tmp_path, "annotations").build_dataset("val")
+    partial._targets = [1, 1, 1, 0]
+    assert partial.baselines(train) == {"majority_baseline": 0.75}  # always True
+    assert builder(tmp_path, "txt_db").build_dataset("val").baselines(train) == {}  # labels not in memory
