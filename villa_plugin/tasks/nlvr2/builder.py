@@ -27,8 +27,8 @@ from __future__ import annotations
 import villa_plugin.tasks.nlvr2.demo as nlvr2_demo
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.datasets.task_builder import ExampleRecords, SplitContext, TaskBuilder
+from villa_plugin.datasets.task_common import read_lxmert_records
 from villa_plugin.registry import registry
-from villa_plugin.tasks.vqa.builder import read_lxmert_records
 from villa_plugin.tasks.nlvr2.dataset import Nlvr2Dataset, parse_label
 
 NAME = "nlvr2"

@@ -31,7 +31,7 @@ import villa_plugin.tasks.vqa.demo as vqa_demo
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.common.input_spec import InputSpec, Size
 from villa_plugin.datasets.task_builder import ExampleRecords, SplitContext, TaskBuilder
-from villa_plugin.datasets.task_common import read_json, resolve_path, split_paths
+from villa_plugin.datasets.task_common import read_json, read_lxmert_records, resolve_path, split_paths
 from villa_plugin.registry import registry
 from villa_plugin.tasks.vqa.answers import SCORE_RULES, soft_target
 from villa_plugin.tasks.vqa.dataset import VQADataset, read_label2ans
@@ -205,18 +205,6 @@ LXMERT_QA_FIELDS = ("question_id", "img_id", "sent")
 def _is_score_dict(label: Any) -> bool:
     return isinstance(label, dict) and all(isinstance(s, (int, float)) and not isinstance(s, bool)
                                            for s in label.values())
-
-
-def read_lxmert_records(path: str, required: Tuple[str, ...], what: str, hint: str) -> List[Dict[str, Any]]:
-    """A JSON list of LXMERT ``what`` records, each checked for ``required``; DataError naming file and record."""
-    items = read_json(path, hint)
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON list of LXMERT {what} records ({list(required)}, label). {hint}")
-    for n, item in enumerate(items):
-        missing = [f for f in required if not isinstance(item, dict) or f not in item]
-        if missing:
-            raise DataError(f"{path}, record {n}: a {what} record needs {missing}. {hint}")
-    return items
 
 
 def lxmert_image_key(key_format: str, img_id: Any, source: str) -> str:
