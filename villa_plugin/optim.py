@@ -21,6 +21,27 @@ from villa_plugin.registry import RegistryError, registry
 
 
 # -- optimizer ------------------------------------------------------------------------------
+def run_closure(closure) -> Optional[torch.Tensor]:
+    """An optimizer step's ``closure`` re-evaluated with gradients on (None without one)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Dict[str, Any]:
+    """``p``'s Adam state (``step`` 0 and zero ``exp_avg`` / ``exp_avg_sq`` on first use); sparse
+    gradients are refused. Shared by :class:`AdamW` and LXMERT's ``BertAdam``."""
+    if p.grad.is_sparse:
+        raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients")
+    state = optimizer.state[p]
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
 @registry.register_optimizer("adamw_hf")
 @registry.register_optimizer("adam_w")
 class AdamW(torch.optim.Optimizer):
@@ -57,10 +78,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             foreach = self.foreach if self.foreach is not None else all(p.is_cuda for p in params)
@@ -84,13 +102,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _advance(self, p: torch.Tensor, group: Dict[str, Any]):
         """``p``'s state (created on first use) with its step counted, and this step's size."""
-        if p.grad.is_sparse:
-            raise RuntimeError("AdamW does not support sparse gradients")
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state = adam_state(self, p)
         state["step"] += 1
         step_size = group["lr"]
         if group["correct_bias"]:

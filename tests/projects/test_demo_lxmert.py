@@ -21,6 +21,7 @@ UPDATES = 80
 SHORT_SCHEDULE = (f"training.max_updates={UPDATES}", f"training.evaluation_interval={UPDATES}",
                   f"training.checkpoint_interval={UPDATES}", f"scheduler.params.warmup_steps={UPDATES // 10}")
 ACCURACY = "val/vqa2/vqa_accuracy"
+BASELINE = "val/vqa2/majority_baseline"  # the chance level the run reports beside the accuracy
 CHANCE = 1 / 20
 MARGIN = 0.1  # over the most frequent answer
 
@@ -36,11 +37,15 @@ def _run(capsys, tmp_path, cache_dir, *extra):
     assert code == 0
     root = cache_dir / "demo" / "vqa_v1"
     majority, prior = vqa_majority_answer(root), vqa_question_only_prior(root)
-    accuracy = final_metrics(records, ACCURACY)[ACCURACY]
+    final = final_metrics(records, "val/vqa2/")
+    accuracy, reported = final[ACCURACY], final[BASELINE]
     with capsys.disabled():
         print(f"\ndemo_lxmert {list(extra)}: {ACCURACY} {accuracy:.3f} after {UPDATES} updates in {seconds:.1f}s "
-              f"(chance {CHANCE:.3f}, most frequent answer {majority:.3f}, question-only prior {prior:.3f})")
+              f"(chance {CHANCE:.3f}, most frequent answer {majority:.3f} [reported {reported:.3f}], "
+              f"question-only prior {prior:.3f})")
     assert majority < 0.25
+    # the run's own majority baseline (BUTD soft scores) agrees with this one (min(1, n/3) scores)
+    assert reported == pytest.approx(majority, abs=0.05)
     assert accuracy >= majority + MARGIN and accuracy >= 5 * CHANCE
     return records
 

@@ -8,7 +8,7 @@ from villa_plugin.config.compose import build_config
 from villa_plugin.optim import build_optimizer, build_scheduler
 
 OFFICIAL = {  # project: (dataset, head, num_labels, lr, text δ step, train examples)
-    "lxmert_vqa": ("vqa2", "lxmert_vqa", 3129, 5e-5, 1e-3, 443757),
+    "lxmert_vqa": ("vqa2", "lxmert_vqa", 3129, 5e-5, 1e-3, 632117),  # train + nominival
     "lxmert_gqa": ("gqa", "lxmert_gqa", 1842, 1e-5, 1e-2, 943000 + 132062),
     "lxmert_nlvr2": ("nlvr2", "lxmert_nlvr2", 2, 5e-5, 1e-3, 86373),
 }
@@ -40,3 +40,10 @@ def test_lxmert_project_has_the_official_settings(project):
                                 config.optimizer)
     assert isinstance(optimizer, BertAdam) and optimizer.defaults["b2"] == 0.999
     assert build_scheduler(optimizer, config).current_lr == 1e-8  # lr 0 on the first update, floored
+
+
+def test_lxmert_vqa_reads_lxmert_records_train_plus_nominival_validated_on_minival():
+    vqa2 = build_config(["config=projects/villa/lxmert_vqa.yaml"], load_plugins=False).dataset_config.vqa2
+    assert vqa2.source == "lxmert_json" and vqa2.img_key_format == "{img_id}"
+    assert list(vqa2.lxmert_json.train) == ["vqa/train.json", "vqa/nominival.json"]
+    assert list(vqa2.lxmert_json.val) == ["vqa/minival.json"]

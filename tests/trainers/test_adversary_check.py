@@ -66,3 +66,39 @@ def test_standard_error_of_the_gain():
     mean, squares = sum(values) / 4, sum(v * v for v in values) / 4
     assert standard_error(mean, squares, 4) == pytest.approx(float(torch.tensor(values).std()) / 2, rel=1e-5)
     assert standard_error(mean, None, 4) == 0.0 and standard_error(mean, squares, 1) == 0.0
+
+
+LXMERT_TINY = ["model_config.lxmert.architecture.hidden_size=16", "model_config.lxmert.architecture.num_attention_heads=2",
+               "model_config.lxmert.architecture.intermediate_size=32", "model_config.lxmert.architecture.l_layers=1",
+               "model_config.lxmert.architecture.r_layers=1", "model_config.lxmert.architecture.x_layers=1",
+               "model_config.lxmert.architecture.vocab_size=16", "model_config.lxmert.head=lxmert_vqa",
+               "model_config.lxmert.num_labels=3", "model_config.lxmert.dropout=0.0"]
+
+
+def test_lxmert_reports_its_input_norms_so_the_check_gives_the_ratios(tmp_path, caplog):
+    # LXMERT returns perturbed_input_norms as UNITER does: the warning names δ's size against both inputs
+    config = vqa_config(tmp_path, *ADV, "model_config.lxmert.adversarial.adv_training=true",
+                        "model_config.lxmert.adversarial.adv_modality=[image,text]",
+                        model="lxmert", model_args=LXMERT_TINY, feature_scale=1e4)
+    trainer = VillaFreeATTrainer(config)
+    with caplog.at_level("INFO", logger="villa_plugin"):
+        trainer.run()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "adversary" in r.getMessage()]
+    assert len(warnings) == 1
+    text = warnings[0]
+    assert "model_config.lxmert.adversarial.adv_lr_img=0.001: δ's norm is" in text and "of the region features' norm" in text
+    assert "model_config.lxmert.adversarial.adv_lr_txt=0.001: δ's norm is" in text and "of the word embeddings' norm" in text
+    image_ratio = float(text.split("adv_lr_img=0.001: δ's norm is ")[1].split(" ")[0])
+    assert 0 < image_ratio < 1e-8  # ‖δ‖ <= 2e-3 against features of norm ~1e6
+
+    model, batch = trainer.raw_model, next(iter(trainer.train_loader))
+    model.eval()
+    shapes = model.perturbation_shapes(batch)
+    with torch.no_grad():
+        output = model(batch, perturbation={m: torch.zeros(shapes[m]) for m in ("text", "image")})
+        words = model.lxmert.embeddings.word_embeddings(batch["input_ids"])
+    norms = output["perturbed_input_norms"]
+    assert torch.allclose(norms["text"], words.flatten(1).norm(dim=1))
+    assert torch.allclose(norms["image"], batch["img_feat"].flatten(1).norm(dim=1))
+    with torch.no_grad():
+        assert "perturbed_input_norms" not in model(batch)

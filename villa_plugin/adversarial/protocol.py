@@ -15,6 +15,7 @@ import torch
 from villa_plugin.common.errors import ConfigError
 
 GUIDE = "docs/adding_a_backbone.md"
+PERTURBATION_KEYS = ("text", "image")
 
 
 @runtime_checkable
@@ -79,6 +80,23 @@ def check_perturbable(model: Any, name: Optional[str] = None) -> str:
     except ConfigError as err:
         raise ConfigError(f"{label}.kl_reduction: {err}") from None
     return reduction
+
+
+def split_perturbation(model: Any, batch: Any, perturbation: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(δ_text, δ_image)`` of a ``forward(batch, perturbation=)`` argument (None, or a dict with keys
+    in :data:`PERTURBATION_KEYS`), each checked against ``model.perturbation_shapes(batch)``;
+    ``ValueError`` naming the key and both shapes otherwise."""
+    if perturbation is None:
+        return None, None
+    if not isinstance(perturbation, dict) or set(perturbation) - set(PERTURBATION_KEYS):
+        keys = list(perturbation) if isinstance(perturbation, dict) else type(perturbation).__name__
+        raise ValueError(f"perturbation must be None or a dict with keys in {PERTURBATION_KEYS}, got {keys}")
+    shapes = model.perturbation_shapes(batch)
+    for key in PERTURBATION_KEYS:
+        delta = perturbation.get(key)
+        if delta is not None and tuple(delta.shape) != shapes[key]:
+            raise ValueError(f"perturbation['{key}'] has shape {tuple(delta.shape)}, expected {shapes[key]}")
+    return perturbation.get("text"), perturbation.get("image")
 
 
 def _accepts_keyword(function: Any, keyword: str) -> bool:

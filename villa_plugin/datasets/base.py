@@ -32,6 +32,12 @@ class BaseDataset(Dataset):
     def collate(self, examples: List[Dict[str, Any]]) -> SampleList:
         raise NotImplementedError
 
+    def baselines(self, train: Optional["BaseDataset"] = None) -> Dict[str, float]:
+        """Chance levels of this split's accuracy, e.g. ``{"majority_baseline": 0.17}``, computed from
+        ``train`` (the same dataset's training split, when the run has one) and this split's targets.
+        The trainer reports them beside the metrics as ``<split>/<dataset>/<name>``; {} = none known."""
+        return {}
+
     def format_predictions(self, batch: SampleList, output: Dict[str, Any]) -> List[Dict[str, Any]]:
         """Prediction records for one batch (``run_type=predict``)."""
         raise NotImplementedError(f"{type(self).__name__} does not write predictions")

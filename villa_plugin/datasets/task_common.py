@@ -110,6 +110,18 @@ def read_json(path: str, hint: str = "") -> Any:
             raise DataError(f"{path} is not valid JSON: {err}") from err
 
 
+def read_lxmert_records(path: str, required: Tuple[str, ...], what: str, hint: str) -> List[Dict[str, Any]]:
+    """A JSON list of LXMERT ``what`` records, each checked for ``required``; DataError naming file and record."""
+    items = read_json(path, hint)
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of LXMERT {what} records ({list(required)}, label). {hint}")
+    for n, item in enumerate(items):
+        missing = [f for f in required if not isinstance(item, dict) or f not in item]
+        if missing:
+            raise DataError(f"{path}, record {n}: a {what} record needs {missing}. {hint}")
+    return items
+
+
 def read_jsonl(path: str, hint: str = "") -> Iterator[Tuple[int, Dict[str, Any]]]:
     """``(line_number, object)`` for each non-empty line of a JSON-lines file (NLVR2, SNLI-VE, VCR).
 

@@ -30,11 +30,12 @@ encoder for heads that score rows of their own), never the trunk module.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from villa_plugin.adversarial.protocol import split_perturbation
+from villa_plugin.backbones.common import existing_checkpoint
 from villa_plugin.common.errors import CheckpointError, ConfigError
 from villa_plugin.common.input_spec import InputSpec, Size
 from villa_plugin.config.paths import bundled_path
@@ -60,7 +61,6 @@ from villa_plugin.backbones.uniter.perturbation import uniter_perturbation_masks
 from villa_plugin.optim import build_param_groups
 from villa_plugin.registry import registry
 
-PERTURBATION_KEYS = ("text", "image")
 TYPE_KEY = "uniter.embeddings.token_type_embeddings.weight"
 WORD_KEY = "uniter.embeddings.word_embeddings.weight"
 
@@ -150,13 +150,7 @@ class UNITER(BaseModel):
             if self.embedding_growth is not None:
                 apply_embedding_growth(self, self.embedding_growth)
             return
-        path = os.path.expanduser(str(checkpoint))
-        if not os.path.isfile(path):
-            raise CheckpointError(
-                f"{self._key('pretrained_checkpoint')} = {checkpoint}: file not found "
-                f"(resolved to {os.path.abspath(path)}). Fix the path, or set it to \"\" "
-                f"to start from random weights."
-            )
+        path = existing_checkpoint(self._key("pretrained_checkpoint"), checkpoint)
         if self.embedding_growth is None:
             self.load_report = load_uniter_checkpoint(self, path, head_module=self.head_module_name)
             return
@@ -225,7 +219,7 @@ class UNITER(BaseModel):
         """``{"scores": logits [B, num_labels]}``; ``perturbation`` = ``{"text": [B, Lt, H], "image": [B, Nb, img_dim]}``
         (either may be None or absent). A perturbed forward adds ``perturbed_input_norms``: the row
         L2 norms ``[B]`` of the inputs δ is added to (word embeddings, raw region features)."""
-        txt_delta, img_delta = self._split_perturbation(sample_list, perturbation)
+        txt_delta, img_delta = split_perturbation(self, sample_list, perturbation)
         sequence_output = self.uniter(
             sample_list["input_ids"],
             sample_list.get("position_ids"),
@@ -260,19 +254,6 @@ class UNITER(BaseModel):
     def perturbation_masks(self, sample_list) -> Dict[str, Optional[torch.Tensor]]:
         """Real text tokens / image regions (``[B, L]`` bool) for VILLA's random start."""
         return uniter_perturbation_masks(sample_list)
-
-    def _split_perturbation(self, sample_list, perturbation):
-        if perturbation is None:
-            return None, None
-        if not isinstance(perturbation, dict) or set(perturbation) - set(PERTURBATION_KEYS):
-            keys = list(perturbation) if isinstance(perturbation, dict) else type(perturbation).__name__
-            raise ValueError(f"perturbation must be None or a dict with keys in {PERTURBATION_KEYS}, got {keys}")
-        shapes = self.perturbation_shapes(sample_list)
-        for key in PERTURBATION_KEYS:
-            delta = perturbation.get(key)
-            if delta is not None and tuple(delta.shape) != shapes[key]:
-                raise ValueError(f"perturbation['{key}'] has shape {tuple(delta.shape)}, expected {shapes[key]}")
-        return perturbation.get("text"), perturbation.get("image")
 
     # -- optimizer ------------------------------------------------------------------------
     def get_optimizer_parameters(self, optimizer_config) -> list:

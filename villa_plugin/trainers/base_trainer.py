@@ -128,6 +128,10 @@ class MMFTrainer:
         seed = int(setting(config, "training.seed"))
         self.data_seed = seed if seed >= 0 else secrets.randbelow(2**31)
         self.datasets = self.build_datasets(plan)
+        self.baselines = dataset_baselines(self.datasets)
+        if self.is_main:
+            for key, value in (kv for values in self.baselines.values() for kv in values.items()):
+                self.log.info("%s: %.4f (chance level, reported beside the metrics)", key, value)
         self.raw_model = self.build_model()
         self.check_model_fits_data()
         self.model, self.optimizer = self.strategy.wrap(self.raw_model, self.build_optimizer)
@@ -457,6 +461,7 @@ class MMFTrainer:
         losses = [v for k, v in report.items() if k.rsplit("/", 1)[-1] in self._loss_names()]
         if losses:
             report[f"{split}/total_loss"] = float(sum(losses))
+        report.update(self.baselines.get(split, {}))  # chance levels beside the metrics
         return report
 
     def _loss_names(self) -> set:
@@ -710,6 +715,18 @@ class MMFTrainer:
             return OmegaConf.to_yaml(self.config, resolve=True)
         except Exception:  # an unresolvable interpolation must not block saving
             return OmegaConf.to_yaml(self.config, resolve=False)
+
+
+def dataset_baselines(datasets: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    """``{split: {"<split>/<dataset>/<name>": value}}``: each evaluated dataset's chance levels
+    (:meth:`BaseDataset.baselines`, from its training split when the run has one)."""
+    found: Dict[str, Dict[str, float]] = {}
+    for split in ("val", "test"):
+        for name, dataset in datasets.get(split, {}).items():
+            baselines = getattr(dataset, "baselines", None)
+            values = baselines(datasets.get("train", {}).get(name)) if baselines is not None else {}
+            found[split] = {**found.get(split, {}), **{f"{split}/{name}/{k}": float(v) for k, v in values.items()}}
+    return found
 
 
 def _apply_num_threads(value: Any) -> None:

@@ -1,4 +1,4 @@
-"""``nlvr2`` builder on small files in UNITER's formats (txt_db + img_db) and in NLVR2's JSON lines:
+"""``nlvr2`` builder on small files in UNITER's formats (txt_db + img_db), NLVR2's JSON lines and LXMERT's JSON:
 paired rows, lengths, labels, the length filter, missing / empty images, predictions CSV."""
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def write_data(root, annotations=ANNOTATIONS, boxes=None, drop_images=(), txt_ta
     tok = WordPieceTokenizer(str(vocab), lowercase=True)
     (root / "ann").mkdir()
     (root / "ann" / "dev.json").write_text("".join(json.dumps(a) + "\n" for a in annotations))
+    (root / "lxmert").mkdir()
+    (root / "lxmert" / "valid.json").write_text(json.dumps([lxmert_record(a, n) for n, a in enumerate(annotations)]))
     records, examples = [], []
     for i, ann in enumerate(annotations):
         image_id = ann["identifier"].rsplit("-", 1)[0]
@@ -52,11 +54,21 @@ def write_data(root, annotations=ANNOTATIONS, boxes=None, drop_images=(), txt_ta
     return tok
 
 
+def lxmert_record(ann, n):
+    """LXMERT's data/nlvr2/valid.json record made from an NLVR2 line, as its process_dataset.py does."""
+    image_id = ann["identifier"].rsplit("-", 1)[0]
+    record = {"identifier": ann["identifier"], "img0": f"{image_id}-img0", "img1": f"{image_id}-img1",
+              "sent": ann["sentence"], "uid": f"nlvr2_valid_{n}"}
+    if "label" in ann:
+        record["label"] = int(ann["label"].lower() == "true") if ann["label"].lower() in ("true", "false") else ann["label"]
+    return record
+
+
 def builder(root, source="txt_db", split="val", **extra):
     cfg = {
         "source": source, "data_dir": str(root), "vocab": "vocab.txt", "lowercase": True,
         "txt_db": {split: ["txt_db/nlvr2_dev.db"]}, "img_db": {split: ["img_db/nlvr2_dev"]},
-        "annotations": {split: ["ann/dev.json"]}, "img_key_format": KEY, "use_img_type": True,
+        "annotations": {split: ["ann/dev.json"]}, "lxmert_json": {split: ["lxmert/valid.json"]}, "img_key_format": KEY, "use_img_type": True,
         "max_txt_len": 60, "lengths_include_cls_sep": True, "missing_images": "error",
         "conf_th": -1, "max_bb": 100, "min_bb": 1, "num_bb": 10, "compressed": False,
     }
@@ -64,8 +76,8 @@ def builder(root, source="txt_db", split="val", **extra):
     return Nlvr2Builder("nlvr2", cfg)
 
 
-@pytest.mark.parametrize("source", ["txt_db", "annotations"])
-def test_both_sources_give_paired_rows_lengths_and_labels(tmp_path, source):
+@pytest.mark.parametrize("source", ["txt_db", "annotations", "lxmert_json"])
+def test_every_source_give_paired_rows_lengths_and_labels(tmp_path, source):
     tok = write_data(tmp_path)
     ds = builder(tmp_path, source).build_dataset("val")
     assert ds.identifiers == [a["identifier"] for a in ANNOTATIONS]
@@ -100,7 +112,7 @@ def test_long_sentences_are_dropped_for_training_and_kept_for_evaluation(tmp_pat
     assert len(val) == 4 and "1 longer than max_txt_len=8 kept (evaluation)" in caplog.text
 
 
-@pytest.mark.parametrize("source", ["txt_db", "annotations"])
+@pytest.mark.parametrize("source", ["txt_db", "annotations", "lxmert_json"])
 def test_missing_image_is_an_error_naming_it_or_a_counted_skip(tmp_path, source, caplog):
     write_data(tmp_path, drop_images={"nlvr2_dev-2-0-img1.npz"})
     with pytest.raises(DataError, match=r"dev-2-0-1.*nlvr2_dev-2-0-img1\.npz.*missing_images=skip"):
@@ -146,3 +158,33 @@ def test_predictions_are_the_official_csv(tmp_path):
     path = ds.write_predictions(records + records[:1], str(tmp_path / "out" / "nlvr2_val.json"))
     assert path.endswith("nlvr2_val.csv")
     assert open(path).read().splitlines() == ["dev-1-0-0,True", "dev-1-1-0,False", "dev-2-0-1,True", "dev-3-0-0,False"]
+
+
+def test_lxmert_records_errors_name_the_file_and_record_and_img_id_names_images(tmp_path):
+    write_data(tmp_path)
+    ds = builder(tmp_path, "lxmert_json", img_key_format="nlvr2_{img_id}.npz").build_dataset("val")
+    assert ds.identifiers == [a["identifier"] for a in ANNOTATIONS]  # the same keys as the default format
+    records = json.loads((tmp_path / "lxmert" / "valid.json").read_text())
+    (tmp_path / "lxmert" / "valid.json").write_text(json.dumps(records[:1] + [dict(records[1], label=2)]))
+    with pytest.raises(DataError, match=r"valid\.json, record 1 \(dev-1-1-0\): label 2 is outside the head's range"):
+        builder(tmp_path, "lxmert_json").build_dataset("val")
+    del records[2]["img1"]
+    (tmp_path / "lxmert" / "valid.json").write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"valid\.json, record 2: a NLVR2 record needs \['img1'\]"):
+        builder(tmp_path, "lxmert_json").build_dataset("val")
+
+
+def test_majority_baseline_is_the_share_of_the_most_frequent_training_label(tmp_path):
+    write_data(tmp_path)  # labels True, False, False, True
+    val = builder(tmp_path, "annotations").build_dataset("val")
+    assert val.baselines() == {"majority_baseline": 0.5}  # a tie: False
+    train = builder(tmp_path, "lxmert_json", split="train", max_txt_len=8).build_dataset("train")  # True, False, False
+    assert val.baselines(train) == {"majority_baseline": 0.5}
+    true_heavy = [dict(a, label="True") for a in ANNOTATIONS[:3]]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "train.json").write_text("".join(json.dumps(a) + "\n" for a in true_heavy))
+    train = builder(tmp_path, "annotations", split="train", annotations={"train": ["t/train.json"]}).build_dataset("train")
+    partial = builder(tmp_path, "annotations").build_dataset("val")
+    partial._targets = [1, 1, 1, 0]
+    assert partial.baselines(train) == {"majority_baseline": 0.75}  # always True
+    assert builder(tmp_path, "txt_db").build_dataset("val").baselines(train) == {}  # labels not in memory

@@ -4,9 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping
 
+from villa_plugin.backbones.common import check_attention_shape, check_config_keys
 from villa_plugin.common.errors import ConfigError
-
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 @dataclasses.dataclass
@@ -37,28 +36,17 @@ class LxmertConfig:
     attn_implementation: str = "eager"
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ConfigError(
-                f"LXMERT hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                f"({self.num_attention_heads})."
-            )
+        check_attention_shape(self, "LXMERT ")
         if self.x_layers < 1:
             raise ConfigError(f"LXMERT x_layers must be >= 1 (the pooler reads the last X-layer), got {self.x_layers}.")
         for name in ("l_layers", "r_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"LXMERT {name} must be >= 0, got {getattr(self, name)}.")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ConfigError(
-                f'LXMERT attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got "{self.attn_implementation}".'
-            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "LXMERT config") -> "LxmertConfig":
         """Build from a mapping; an unknown key is a ConfigError naming ``source`` and the known keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown LXMERT config key(s) {unknown}; known keys: {sorted(known)}.")
+        check_config_keys(cls, values, source, "LXMERT")
         return cls(**{k: v for k, v in values.items() if v is not None})
 
     def to_dict(self) -> Dict[str, Any]:

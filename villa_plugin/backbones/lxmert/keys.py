@@ -26,8 +26,7 @@ from torch import nn
 
 from villa_plugin.backbones.lxmert.answer_table import SOURCE_PREFIX as PRETRAIN_ANSWER_PREFIX
 from villa_plugin.backbones.lxmert.answer_table import remap_answer_head
-from villa_plugin.common.errors import CheckpointError
-from villa_plugin.backbones.uniter.checkpoint_keys import LoadReport, _log_report, read_checkpoint_file, unwrap_state_dict
+from villa_plugin.backbones.uniter.checkpoint_keys import LoadReport, _unwrap_model, load_mapped_checkpoint
 
 TRUNK = "lxmert."
 HEAD = "logit_fc."
@@ -144,12 +143,6 @@ def _place_pretrain_answer_head(out, answer_head, label2ans, pretrain_answers, r
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
 def load_lxmert_checkpoint(
     model: nn.Module,
     path_or_state: Union[str, os.PathLike, Mapping[str, Any]],
@@ -165,53 +158,13 @@ def load_lxmert_checkpoint(
     buffers), cast (dtype converted). A shape mismatch is a :class:`CheckpointError` naming both the
     file key and the model key with both shapes; so is a file none of whose keys fits the model.
     """
-    model = _unwrap_model(model)
-    if isinstance(path_or_state, (str, os.PathLike)):
-        source = source or str(path_or_state)
-        raw = read_checkpoint_file(str(path_or_state))
-    else:
-        source = source or "<state dict>"
-        raw = path_or_state
-    state = unwrap_state_dict(raw, source)
-    model_state = model.state_dict()
-    renamed, report = map_state_dict(
-        state, model_state.keys(), label2ans=label2ans, pretrain_answers=pretrain_answers, source=source
+    def rename(state: StateDict, model_keys: Iterable[str], src: str) -> Tuple[StateDict, LoadReport]:
+        return map_state_dict(state, model_keys, label2ans=label2ans, pretrain_answers=pretrain_answers, source=src)
+
+    return load_mapped_checkpoint(
+        model, path_or_state, rename, source=source, model_name="LXMERT model",
+        fit_hint="Check the architecture (hidden size, layer counts, visual_feat_dim) and the head's num_labels.",
     )
-    original_of = {new: old for old, new in report.renamed.items()}
-    to_load: StateDict = {}
-    mismatches = []
-    for key, value in renamed.items():
-        if not isinstance(value, torch.Tensor):
-            report.ignored.append(key)
-            continue
-        if key not in model_state:
-            report.unexpected.append(key)
-            continue
-        target = model_state[key]
-        if tuple(value.shape) != tuple(target.shape):
-            where = f"'{key}'" + (f" (file key '{original_of[key]}')" if key in original_of else "")
-            mismatches.append(f"{where}: checkpoint {list(value.shape)} vs model {list(target.shape)}")
-            continue
-        if value.dtype != target.dtype:
-            value = value.to(target.dtype)
-            report.cast.append(key)
-        to_load[key] = value
-    if mismatches:
-        raise CheckpointError(
-            f"Checkpoint {source} ({report.layout} layout) does not fit the LXMERT model: shape mismatch for "
-            f"{'; '.join(mismatches)}. Check the architecture (hidden size, layer counts, visual_feat_dim) "
-            f"and the head's num_labels."
-        )
-    if not to_load:
-        raise CheckpointError(
-            f"No key of checkpoint {source} matches the LXMERT model ({report.layout} layout assumed); nothing "
-            f"was loaded. First file keys: {list(state)[:5]}; first model keys: {list(model_state)[:5]}."
-        )
-    model.load_state_dict(to_load, strict=False)
-    report.loaded = sorted(to_load)
-    report.missing = [k for k in model_state if k not in to_load]
-    _log_report(report)
-    return report
 
 
 # ----------------------------------------------------------------------------------------------

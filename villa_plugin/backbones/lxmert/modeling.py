@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput
 from villa_plugin.backbones.lxmert.config import LxmertConfig
 
 MASK_VALUE = -10000.0  # the reference's additive mask constant (HF uses finfo.min)
@@ -76,7 +76,9 @@ def init_lxmert_weights(module: nn.Module, initializer_range: float = 0.02) -> N
 # ----------------------------------------------------------------------------------------------
 class LxmertEmbeddings(nn.Module):
     """``dropout(LN(word(ids) [+ δ] + position + type))``; all three tables have ``padding_idx=0``
-    (so the [PAD] word row, position row 0 and type row 0 never get a gradient, as in the reference)."""
+    (so the [PAD] word row, position row 0 and type row 0 never get a gradient, as in the reference).
+    A forward with ``delta`` leaves ``perturbed_input_norm`` ``[R]``: the row L2 norm of the word
+    embeddings δ was added to (detached), so VILLA can report δ's size relative to its input."""
 
     def __init__(self, config: LxmertConfig):
         super().__init__()
@@ -85,6 +87,7 @@ class LxmertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.perturbed_input_norm: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -106,6 +109,7 @@ class LxmertEmbeddings(nn.Module):
         with _no_autocast(words.device):
             words = _at_least_fp32(words)
             if delta is not None:  # VILLA text δ: before position/type and LayerNorm
+                self.perturbed_input_norm = words.detach().float().flatten(1).norm(dim=1)
                 words = words + delta.to(words.dtype)
             summed = (
                 words
@@ -141,61 +145,18 @@ class LxmertVisualFeatEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Attention and feed-forward blocks (post-LN)
 # ----------------------------------------------------------------------------------------------
-class LxmertAttention(nn.Module):
+class LxmertAttention(BertStyleAttention):
     """Multi-head attention of ``hidden`` (queries) over ``context`` (keys/values): the official
     ``BertAttention``, used for self-attention (context = hidden) and cross-attention."""
-
-    def __init__(self, config: LxmertConfig):
-        super().__init__()
-        self.num_attention_heads = config.num_attention_heads
-        self.attention_head_size = config.hidden_size // config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self.attn_implementation = config.attn_implementation
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def forward(
         self, hidden: torch.Tensor, context: torch.Tensor, attention_mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """``attention_mask``: additive ``[B, 1, 1, S_context]`` or None (every position attends)."""
-        query = self._split_heads(self.query(hidden))
-        key = self._split_heads(self.key(context))
-        value = self._split_heads(self.value(context))
-        if self.attn_implementation == "sdpa":
-            out = F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                attn_mask=None if attention_mask is None else attention_mask.to(query.dtype),
-                dropout_p=self.dropout.p if self.training else 0.0,
-            )
-        else:
-            scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = self.dropout(F.softmax(scores, dim=-1))
-            out = torch.matmul(probs.to(value.dtype), value)
-        batch, _, length, _ = out.shape
-        return out.transpose(1, 2).reshape(batch, length, self.num_attention_heads * self.attention_head_size)
+        return self.attend(hidden, context, attention_mask)
 
 
-class LxmertResidualOutput(nn.Module):
-    """``LN(x + dropout(dense(h)))``: the official ``BertAttOutput`` (``in_size = H``) and
-    ``BertOutput`` (``in_size = intermediate_size``)."""
-
-    def __init__(self, config: LxmertConfig, in_size: int):
-        super().__init__()
-        self.dense = nn.Linear(in_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+LxmertResidualOutput = ResidualOutput  # the official BertAttOutput / BertOutput
 
 
 class LxmertSelfAttLayer(nn.Module):
@@ -224,15 +185,7 @@ class LxmertCrossAttLayer(nn.Module):
         return self.output(self.att(hidden, context, context_mask), hidden)
 
 
-class LxmertIntermediate(nn.Module):
-    """``gelu(dense(h))`` with the exact (erf) GeLU."""
-
-    def __init__(self, config: LxmertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(hidden))
+LxmertIntermediate = GeluIntermediate  # the official BertIntermediate
 
 
 class LxmertLayer(nn.Module):

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from villa_plugin.optim import WarmupLinear
+from villa_plugin.optim import WarmupLinear, adam_state, run_closure
 from villa_plugin.registry import registry
 
 
@@ -68,21 +68,12 @@ class BertAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("BertAdam does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state = adam_state(self, p)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 grad = p.grad
                 exp_avg.mul_(group["b1"]).add_(grad, alpha=1.0 - group["b1"])

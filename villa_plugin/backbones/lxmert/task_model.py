@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from villa_plugin.adversarial.protocol import split_perturbation
+from villa_plugin.backbones.common import existing_checkpoint
 from villa_plugin.backbones.lxmert import optimization  # noqa: F401  (registers bert_adam)
 from villa_plugin.backbones.lxmert.answer_table import pretrain_answer_list
 from villa_plugin.backbones.lxmert.config import LxmertConfig
@@ -54,7 +56,6 @@ from villa_plugin.models.trunk import TokenLayout, TrunkDims, TrunkOutput
 from villa_plugin.optim import build_param_groups
 from villa_plugin.registry import registry
 
-PERTURBATION_KEYS = ("text", "image")
 BOX_COLUMNS = 4
 UNITER_BOX_COLUMNS = (6, 7)  # norm_bb (x1, y1, x2, y2, w, h) [+ area]
 
@@ -132,12 +133,7 @@ class LxmertForTask(BaseModel):
                 raise ConfigError(f"{self.KEY}.answer_surgery is set but {self.KEY}.pretrained_checkpoint is empty: "
                                   f"the surgery copies the pre-trained QA head. Set both, or clear answer_surgery.")
             return
-        path = os.path.expanduser(str(checkpoint))
-        if not os.path.isfile(path):
-            raise CheckpointError(
-                f"{self.KEY}.pretrained_checkpoint = {checkpoint}: file not found (resolved to "
-                f"{os.path.abspath(path)}). Fix the path, or set it to \"\" to start from random weights."
-            )
+        path = existing_checkpoint(f"{self.KEY}.pretrained_checkpoint", checkpoint)
         if any(answer_files.values()) and not all(answer_files.values()):
             raise ConfigError(f"{self.KEY}.answer_surgery needs both task_answers and pretrain_answers "
                               f"(got {answer_files}).")
@@ -214,8 +210,10 @@ class LxmertForTask(BaseModel):
         return {"text": self.text_mask(batch), "image": self.visual_mask(batch)}
 
     def forward(self, batch, perturbation: Optional[Dict[str, Optional[torch.Tensor]]] = None) -> Dict[str, Any]:
-        """``{"scores": logits [examples, num_labels]}`` (losses are added by ``BaseModel.__call__``)."""
-        txt_delta, img_delta = self._split_perturbation(batch, perturbation)
+        """``{"scores": logits [examples, num_labels]}`` (losses are added by ``BaseModel.__call__``). A
+        perturbed forward adds ``perturbed_input_norms``: the row L2 norms ``[R]`` of the inputs δ is
+        added to (word embeddings, raw region features), as UNITER's."""
+        txt_delta, img_delta = split_perturbation(self, batch, perturbation)
         output = self.lxmert(
             batch["input_ids"],
             self.text_mask(batch),
@@ -227,20 +225,13 @@ class LxmertForTask(BaseModel):
         )
         layout = TokenLayout(attn_masks=self.text_mask(batch).long(), text_width=int(batch["input_ids"].size(1)),
                              image_width=0, packed=False)
-        return {"scores": self.head(TrunkOutput(output.language, output.pooled, layout), batch)}
-
-    def _split_perturbation(self, batch, perturbation):
-        if perturbation is None:
-            return None, None
-        if not isinstance(perturbation, dict) or set(perturbation) - set(PERTURBATION_KEYS):
-            keys = list(perturbation) if isinstance(perturbation, dict) else type(perturbation).__name__
-            raise ValueError(f"perturbation must be None or a dict with keys in {PERTURBATION_KEYS}, got {keys}")
-        shapes = self.perturbation_shapes(batch)
-        for key in PERTURBATION_KEYS:
-            delta = perturbation.get(key)
-            if delta is not None and tuple(delta.shape) != shapes[key]:
-                raise ValueError(f"perturbation['{key}'] has shape {tuple(delta.shape)}, expected {shapes[key]}")
-        return perturbation.get("text"), perturbation.get("image")
+        result = {"scores": self.head(TrunkOutput(output.language, output.pooled, layout), batch)}
+        if txt_delta is not None or img_delta is not None:
+            result["perturbed_input_norms"] = {
+                "text": self.lxmert.embeddings.perturbed_input_norm if txt_delta is not None else None,
+                "image": batch["img_feat"].detach().float().flatten(1).norm(dim=1) if img_delta is not None else None,
+            }
+        return result
 
 
 def lxmert_head_class(name: str) -> type:

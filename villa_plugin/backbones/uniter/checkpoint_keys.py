@@ -23,7 +23,7 @@ import logging
 import os
 import pickle
 import struct
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -314,6 +314,37 @@ def load_uniter_checkpoint(
     logged by name. Raises :class:`CheckpointError` on a missing/unreadable file, any shape mismatch,
     or a file of which no key fits the model.
     """
+    head_module = head_module or getattr(_unwrap_model(model), "head_module_name", None) or "vqa_output"
+
+    def rename(state: StateDict, model_keys: Iterable[str], src: str) -> Tuple[StateDict, LoadReport]:
+        return normalize_state_dict(state, model_keys, mapping=mapping, head_module=head_module,
+                                    mmf_head=mmf_head, use_mmf_head_pooler=use_mmf_head_pooler)
+
+    return load_mapped_checkpoint(
+        model, path_or_state, rename, source=source, model_name="model",
+        fit_hint=("Check uniter_config (base vs large), img_dim (img_linear's input width) and num_labels; NLVR2/VCR "
+                  "must grow their embeddings (grow_type_embeddings / grow_word_embeddings) before loading "
+                  "fine-tuned or 2nd-stage checkpoints."),
+        no_match_hint=("Pass a prefix mapping (checkpoint.pretrained_state_mapping / mapping=) if the file uses "
+                       "other names."),
+    )
+
+
+def load_mapped_checkpoint(
+    model: nn.Module,
+    path_or_state: Union[str, os.PathLike, Mapping[str, Any]],
+    rename: Callable[[StateDict, Iterable[str], str], Tuple[StateDict, LoadReport]],
+    *,
+    source: Optional[str],
+    model_name: str,
+    fit_hint: str,
+    no_match_hint: str = "",
+) -> LoadReport:
+    """A backbone's non-strict, shape-checked load: read the file (or take the state dict), name its
+    keys with ``rename(state, model_keys, source) -> (renamed, report)``, cast dtypes to the model's,
+    load, log and return the report. A shape mismatch is a :class:`CheckpointError` naming our key,
+    the file's key and both shapes (``fit_hint`` says what to check); so is a file none of whose keys
+    fits (``no_match_hint``). Shared by UNITER and LXMERT (``model_name`` names the model in errors)."""
     model = _unwrap_model(model)
     if isinstance(path_or_state, (str, os.PathLike)):
         source = source or str(path_or_state)
@@ -323,13 +354,9 @@ def load_uniter_checkpoint(
         raw = path_or_state
     state = unwrap_state_dict(raw, source)
     model_state = model.state_dict()
-    head_module = head_module or getattr(model, "head_module_name", None) or "vqa_output"
-    renamed, report = normalize_state_dict(
-        state, model_state.keys(), mapping=mapping, head_module=head_module,
-        mmf_head=mmf_head, use_mmf_head_pooler=use_mmf_head_pooler,
-    )
+    renamed, report = rename(state, model_state.keys(), source)
     report.source = source
-
+    original_of = {new: old for old, new in report.renamed.items()}
     to_load: StateDict = {}
     mismatches = []
     for key, value in renamed.items():
@@ -341,7 +368,8 @@ def load_uniter_checkpoint(
             continue
         target = model_state[key]
         if tuple(value.shape) != tuple(target.shape):
-            mismatches.append(f"'{key}': checkpoint {list(value.shape)} vs model {list(target.shape)}")
+            where = f"'{key}'" + (f" (file key '{original_of[key]}')" if key in original_of else "")
+            mismatches.append(f"{where}: checkpoint {list(value.shape)} vs model {list(target.shape)}")
             continue
         if value.dtype != target.dtype:
             value = value.to(target.dtype)
@@ -349,15 +377,13 @@ def load_uniter_checkpoint(
         to_load[key] = value
     if mismatches:
         raise CheckpointError(
-            f"Checkpoint {source} does not fit the model: shape mismatch for {'; '.join(mismatches)}. "
-            f"Check uniter_config (base vs large), img_dim (img_linear's input width) and num_labels; NLVR2/VCR must grow their embeddings "
-            f"(grow_type_embeddings / grow_word_embeddings) before loading fine-tuned or 2nd-stage checkpoints."
+            f"Checkpoint {source} ({report.layout} layout) does not fit the {model_name}: shape mismatch for "
+            f"{'; '.join(mismatches)}. {fit_hint}"
         )
     if not to_load:
         raise CheckpointError(
-            f"No key of checkpoint {source} matches the model ({report.layout} layout assumed); nothing was loaded. "
-            f"First file keys: {list(state)[:5]}; first model keys: {list(model_state)[:5]}. Pass a prefix "
-            f"mapping (checkpoint.pretrained_state_mapping / mapping=) if the file uses other names."
+            f"No key of checkpoint {source} matches the {model_name} ({report.layout} layout assumed); nothing was "
+            f"loaded. First file keys: {list(state)[:5]}; first model keys: {list(model_state)[:5]}. {no_match_hint}".rstrip()
         )
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)

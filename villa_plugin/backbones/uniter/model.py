@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput
+from villa_plugin.backbones.common import check_attention_shape, check_config_keys
 from villa_plugin.common.errors import ConfigError
 
 IMG_DIM = 2048  # BUTD region feature size
@@ -66,21 +67,12 @@ class UniterConfig:
                 f'UNITER uses hidden_act "gelu" (erf form); got "{self.hidden_act}". '
                 f'Remove the key or set it to "gelu".'
             )
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ConfigError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                f"({self.num_attention_heads})."
-            )
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError(f'attn_implementation must be "sdpa" or "eager", got "{self.attn_implementation}".')
+        check_attention_shape(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "UNITER config") -> "UniterConfig":
         """Build from a dict; unknown keys are an error naming ``source`` and the known keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown UNITER config key(s) {unknown}; known keys: {sorted(known)}.")
+        check_config_keys(cls, values, source, "UNITER")
         return cls(**dict(values))
 
     @classmethod
@@ -230,53 +222,20 @@ class UniterImageEmbeddings(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Encoder: post-LN BERT layers
 # ----------------------------------------------------------------------------------------------
-class UniterSelfAttention(nn.Module):
-    def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.num_attention_heads = config.num_attention_heads
-        self.attention_head_size = config.hidden_size // config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self.attn_implementation = config.attn_implementation
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+class UniterSelfAttention(BertStyleAttention):
+    """BERT self-attention (``attention.self.*`` in the checkpoint)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``attention_mask`` ``[B, 1, 1, S]``: boolean (True keep; the sdpa path) or additive
         (0 keep, -10000 drop; eager, or callers of the layers)."""
-        query = self._split_heads(self.query(hidden_states))
-        key = self._split_heads(self.key(hidden_states))
-        value = self._split_heads(self.value(hidden_states))
-        if self.attn_implementation == "sdpa":
-            # The Dropout module's p is read here so that changing it (set_dropout) takes effect.
-            context = F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(query.dtype),
-                dropout_p=self.dropout.p if self.training else 0.0,
-            )
-        else:
-            scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
-            probs = self.dropout(F.softmax(scores + attention_mask, dim=-1))
-            context = torch.matmul(probs.to(value.dtype), value)
-        batch, _, length, _ = context.shape
-        return context.transpose(1, 2).reshape(batch, length, self.num_attention_heads * self.attention_head_size)
+        return self.attend(hidden_states, hidden_states, attention_mask)
 
 
-class UniterSelfOutput(nn.Module):
+class UniterSelfOutput(ResidualOutput):
+    """``attention.output.*``: ``LN(x + dropout(dense(h)))`` on the hidden width."""
+
     def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        super().__init__(config, config.hidden_size)
 
 
 class UniterAttention(nn.Module):
@@ -289,24 +248,14 @@ class UniterAttention(nn.Module):
         return self.output(self.self(hidden_states, attention_mask), hidden_states)
 
 
-class UniterIntermediate(nn.Module):
+UniterIntermediate = GeluIntermediate  # "intermediate.dense": erf GeLU
+
+
+class UniterOutput(ResidualOutput):
+    """``output.*``: ``LN(x + dropout(dense(h)))`` from the intermediate width."""
+
     def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(hidden_states))  # erf form
-
-
-class UniterOutput(nn.Module):
-    def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        super().__init__(config, config.intermediate_size)
 
 
 class UniterLayer(nn.Module):

@@ -66,6 +66,18 @@ class Nlvr2Dataset(BaseDataset):
         """Tokens per example: 2 × text + regions of both images (UNITER's paired length)."""
         return self._lengths
 
+    def baselines(self, train: Optional[BaseDataset] = None) -> Dict[str, float]:
+        """``majority_baseline``: the accuracy of always giving the label most frequent in ``train``
+        (this split's own without one). Known only when both splits hold their labels in memory
+        (annotation / LXMERT JSON sources, not txt_dbs)."""
+        reference = train if isinstance(train, Nlvr2Dataset) else self
+        labels = [t for t in self._targets or [] if t is not None]
+        reference_labels = [t for t in reference._targets or [] if t is not None]
+        if not labels or not reference_labels:
+            return {}
+        majority = int(sum(reference_labels) * 2 > len(reference_labels))  # ties: False (0)
+        return {"majority_baseline": sum(t == majority for t in labels) / len(labels)}
+
     def _text(self, i: int):
         if self._input_ids is not None:
             return self._input_ids[i], (self._targets[i] if self._targets is not None else None)

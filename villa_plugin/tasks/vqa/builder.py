@@ -9,6 +9,12 @@ Sources (``source``):
   ``min3``, see vqa_answers.py); each question's image key is ``img_key_format`` filled with the
   question file's ``data_subtype`` and the ``image_id`` (UNITER's naming,
   ``coco_train2014_000000000009.npz``), looked up in the split's ``img_db`` list.
+- ``lxmert_json``: LXMERT's processed records (airsplay/lxmert ``data/vqa/{train,nominival,minival,
+  test}.json``), lists of ``{"question_id", "img_id", "sent", "label": {answer: score}}`` (``label``
+  absent in test) named by ``lxmert_json.<split>``; the scores are taken as given, answers outside
+  ``ans2label`` (LXMERT's ``trainval_ans2label.json``) are dropped from the target (counted, logged).
+  Each image key is ``img_key_format`` filled with ``img_id`` (e.g. ``"{img_id}"``). LXMERT's recipe
+  is ``train: [vqa/train.json, vqa/nominival.json]``, ``val: [vqa/minival.json]``. GQA reuses this reader.
 
 ``demo: true`` materialises the bundled demo (tasks/vqa/demo.py) under ``demo_dir`` and uses it
 with source ``vqa_json``: its files, vocab and feature settings replace the configured ones.
@@ -25,7 +31,7 @@ import villa_plugin.tasks.vqa.demo as vqa_demo
 from villa_plugin.common.errors import ConfigError, DataError
 from villa_plugin.common.input_spec import InputSpec, Size
 from villa_plugin.datasets.task_builder import ExampleRecords, SplitContext, TaskBuilder
-from villa_plugin.datasets.task_common import read_json, resolve_path, split_paths
+from villa_plugin.datasets.task_common import read_json, read_lxmert_records, resolve_path, split_paths
 from villa_plugin.registry import registry
 from villa_plugin.tasks.vqa.answers import SCORE_RULES, soft_target
 from villa_plugin.tasks.vqa.dataset import VQADataset, read_label2ans
@@ -42,7 +48,10 @@ class VQA2Builder(TaskBuilder):
 
     NAME = "vqa2"
     DEMO = vqa_demo
-    SOURCES = ("txt_db", "vqa_json")
+    SOURCES = ("txt_db", "vqa_json", "lxmert_json")
+    LXMERT_JSON_KEY = "lxmert_json"   # the split lists of source lxmert_json
+    LXMERT_JSON_HINT = ("Get LXMERT's processed VQA files (data/vqa/*.json of airsplay/lxmert), or use "
+                        "dataset_config.vqa2.demo=true for the bundled demo.")
 
     def demo_settings(self, p: Dict[str, Any]) -> Dict[str, Any]:
         """The demo's files, read with source ``vqa_json`` (its test split has no annotations)."""
@@ -139,6 +148,42 @@ class VQA2Builder(TaskBuilder):
             records.targets = None
         return records
 
+    def lxmert_question_id(self, value: Any) -> Any:
+        """A record's question id as the dataset keeps it (VQA: as in the file, an int)."""
+        return value
+
+    def read_lxmert_json(self, ctx: SplitContext) -> ExampleRecords:
+        """LXMERT's records (see the module docstring); targets when every record has a ``label``."""
+        tok = ctx.tokenizer()
+        ans2label = {a: i for i, a in enumerate(ctx.extra["label2ans"])}
+        key_format = str(ctx.cfg.get("img_key_format", "{img_id}"))
+        records = ExampleRecords.in_memory(tok)
+        out_of_vocabulary = 0
+        for path in ctx.paths(self.LXMERT_JSON_KEY, f"LXMERT {self.dataset_name} JSON files"):
+            items = read_lxmert_records(path, LXMERT_QA_FIELDS, self.dataset_name.upper(), self.LXMERT_JSON_HINT)
+            for n, item in enumerate(items):
+                if "label" in item and not _is_score_dict(item["label"]):
+                    raise DataError(f"{path}, record {n} (question {item['question_id']}): label must be "
+                                    f"{{answer: score}}, got {item['label']!r}. {self.LXMERT_JSON_HINT}")
+            for item, ids in zip(items, tok.encode_batch([item["sent"] for item in items])):
+                if ctx.filt.over_limit(len(ids)):
+                    continue
+                key = lxmert_image_key(key_format, item["img_id"], path)
+                located = ctx.locate([key], f"{path}, question {item['question_id']}")
+                if located is None:
+                    continue
+                target = None
+                if "label" in item:
+                    pairs = sorted((ans2label[a], float(s)) for a, s in item["label"].items() if a in ans2label)
+                    out_of_vocabulary += len(item["label"]) - len(pairs)
+                    target = {"labels": [p[0] for p in pairs], "scores": [p[1] for p in pairs]}
+                records.add(self.lxmert_question_id(item["question_id"]), len(ids), key, located[0],
+                            input_ids=ids, target=target)
+        if out_of_vocabulary:
+            logger.info("%s %s: %d labels outside the answer vocabulary dropped from the targets", self.dataset_name,
+                        ctx.split, out_of_vocabulary)
+        return records.drop_absent_targets()
+
     def _annotation_paths(self, ctx: SplitContext, num_question_files: int) -> List[str]:
         a_paths = split_paths(ctx.cfg, "annotations", ctx.split, self.dataset_name)
         if a_paths and len(a_paths) != num_question_files:
@@ -152,6 +197,23 @@ class VQA2Builder(TaskBuilder):
         if not isinstance(anns, list):
             raise DataError(f"{path} has no 'annotations' list; is it a VQA v2 annotation file?")
         return {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
+
+
+LXMERT_QA_FIELDS = ("question_id", "img_id", "sent")
+
+
+def _is_score_dict(label: Any) -> bool:
+    return isinstance(label, dict) and all(isinstance(s, (int, float)) and not isinstance(s, bool)
+                                           for s in label.values())
+
+
+def lxmert_image_key(key_format: str, img_id: Any, source: str) -> str:
+    """The img_db key of an LXMERT record's image (``img_key_format`` with the field ``{img_id}``)."""
+    try:
+        return key_format.format(img_id=img_id)
+    except (KeyError, ValueError, IndexError) as err:
+        raise ConfigError(f"img_key_format {key_format!r} cannot name image {img_id!r} of {source}: {err}. "
+                          f"LXMERT's records name images by {{img_id}}, e.g. img_key_format: \"{{img_id}}\".") from err
 
 
 def image_key(key_format: str, subtype: Optional[str], image_id: int, source: str = "") -> str:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -71,6 +71,21 @@ class VQADataset(BaseDataset):
 
     def collate(self, examples: List[Dict[str, Any]]) -> SampleList:
         return vqa_collate(examples, self.num_answers, self.dataset_name, self.dataset_type)
+
+    def baselines(self, train: Optional[BaseDataset] = None) -> Dict[str, float]:
+        """``majority_baseline``: the score (VQA accuracy; exact match for one-answer targets) of always
+        giving the answer with the largest total score in ``train`` (this split's own without one).
+        Known only when both splits hold their targets in memory (JSON sources, not txt_dbs)."""
+        reference = train if isinstance(train, VQADataset) else self
+        if self._targets is None or reference._targets is None or not self._targets:
+            return {}
+        totals = np.zeros(self.num_answers, dtype=np.float64)
+        for target in reference._targets:
+            if target is not None:
+                np.add.at(totals, np.asarray(target["labels"], dtype=np.int64), np.asarray(target["scores"], dtype=np.float64))
+        answer = int(totals.argmax())
+        scores = [dict(zip(t["labels"], t["scores"])).get(answer, 0.0) if t is not None else 0.0 for t in self._targets]
+        return {"majority_baseline": float(np.mean(scores))}
 
     def format_predictions(self, batch: SampleList, output: Dict[str, Any]) -> List[Dict[str, Any]]:
         """``[{"question_id": int, "answer": str}]``: the arg-max answer over the vocabulary."""

@@ -1,0 +1,82 @@
+"""BERT's post-LN blocks, shared by the UNITER and LXMERT backbones: multi-head attention (``query`` /
+``key`` / ``value`` Linear layers, eager softmax or PyTorch's sdpa), the residual output
+``LN(x + dropout(dense(h)))`` and the erf-GeLU intermediate. The parameter names are the
+checkpoints' (``attention.self.query.weight``, ``output.LayerNorm.bias`` and so on); a backbone's
+modules subclass these or use them as they are."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BertStyleAttention(nn.Module):
+    """Attention of ``hidden`` (queries) over ``context`` (keys / values), output ``[B, Lq, H]``.
+
+    ``config`` needs ``hidden_size``, ``num_attention_heads``, ``attention_probs_dropout_prob`` and
+    ``attn_implementation`` (``eager`` | ``sdpa``).
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.attn_implementation = config.attn_implementation
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def attend(self, hidden: torch.Tensor, context: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``attention_mask`` ``[B, 1, 1, S_context]``: additive (0 keep, -10000 drop), boolean (True
+        keep; the sdpa path only) or None (every position attends)."""
+        query = self._split_heads(self.query(hidden))
+        key = self._split_heads(self.key(context))
+        value = self._split_heads(self.value(context))
+        if self.attn_implementation == "sdpa":
+            if attention_mask is not None and attention_mask.dtype != torch.bool:
+                attention_mask = attention_mask.to(query.dtype)
+            # The Dropout module's p is read here so that changing it (set_dropout) takes effect.
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0
+            )
+        else:
+            scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = self.dropout(F.softmax(scores, dim=-1))
+            out = torch.matmul(probs.to(value.dtype), value)
+        batch, _, length, _ = out.shape
+        return out.transpose(1, 2).reshape(batch, length, self.num_attention_heads * self.attention_head_size)
+
+
+class ResidualOutput(nn.Module):
+    """``LN(x + dropout(dense(h)))``: BERT's ``SelfOutput`` (``in_size = hidden_size``) and ``Output``
+    (``in_size = intermediate_size``). ``config``: ``hidden_size``, ``layer_norm_eps``, ``hidden_dropout_prob``."""
+
+    def __init__(self, config: Any, in_size: int):
+        super().__init__()
+        self.dense = nn.Linear(in_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class GeluIntermediate(nn.Module):
+    """``gelu(dense(h))`` with the exact (erf) GeLU, ``hidden_size`` -> ``intermediate_size``."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(hidden))
