@@ -80,3 +80,15 @@ class GeluIntermediate(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(hidden))
+
+
+class TanhPooler(nn.Module):
+    """``tanh(dense(h[:, 0]))``: BERT's pooler on the first position (``config``: ``hidden_size``)."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))

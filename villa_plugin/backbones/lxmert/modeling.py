@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput
+from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput, TanhPooler
 from villa_plugin.backbones.lxmert.config import LxmertConfig
 
 MASK_VALUE = -10000.0  # the reference's additive mask constant (HF uses finfo.min)
@@ -269,16 +269,8 @@ class LxmertEncoder(nn.Module):
         return lang, visn
 
 
-class LxmertPooler(nn.Module):
+class LxmertPooler(TanhPooler):
     """``tanh(dense(lang[:, 0]))``: the pooled language [CLS]."""
-
-    def __init__(self, config: LxmertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.activation = nn.Tanh()
-
-    def forward(self, lang: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dense(lang[:, 0]))
 
 
 # ----------------------------------------------------------------------------------------------

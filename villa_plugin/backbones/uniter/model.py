@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput
+from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput, TanhPooler
 from villa_plugin.backbones.common import check_attention_shape, check_config_keys
 from villa_plugin.common.errors import ConfigError
 
@@ -288,16 +288,8 @@ class UniterEncoder(nn.Module):
         return all_layers
 
 
-class UniterPooler(nn.Module):
+class UniterPooler(TanhPooler):
     """``tanh(dense(h[:, 0]))``; called by the task heads, not by the trunk forward."""
-
-    def __init__(self, config: UniterConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.activation = nn.Tanh()
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dense(hidden_states[:, 0]))
 
 
 # ----------------------------------------------------------------------------------------------
