@@ -5,6 +5,7 @@ checkpoints' (``attention.self.query.weight``, ``output.LayerNorm.bias`` and so 
 modules subclass these or use them as they are."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional
 
@@ -12,6 +13,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
+
+# ----------------------------------------------------------------------------------------------
+# fp32 islands: where a backbone adds VILLA's fp32 δ, the sum and the layers right after it run in
+# (at least) fp32 whatever the parameter dtype, so bf16 storage does not round δ away.
+# ----------------------------------------------------------------------------------------------
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or kept as it is when wider (fp64 reference tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def autocast_off(device: torch.device):
+    """A context that disables autocast on ``device`` (a no-op where autocast does not exist)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def linear_at_least_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` with ``x`` and the weights in at least fp32, autocast off: exactly
+    ``linear(x)`` for fp32 weights and input."""
+    x = at_least_fp32(x)
+    bias = None if linear.bias is None else linear.bias.to(x.dtype)
+    with autocast_off(x.device):
+        return F.linear(x, linear.weight.to(x.dtype), bias)
+
+
+def layer_norm_at_least_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` with ``x`` and the weights in at least fp32: exactly ``norm(x)`` for fp32 input and weights."""
+    x = at_least_fp32(x)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
 
 class BertStyleAttention(nn.Module):
     """Attention of ``hidden`` (queries) over ``context`` (keys / values), output ``[B, Lq, H]``.

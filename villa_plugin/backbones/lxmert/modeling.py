@@ -16,7 +16,6 @@ perturbed ones. In an fp32 model this is exactly the official computation.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import List, Optional, Tuple
 
@@ -24,32 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput, TanhPooler
+from villa_plugin.backbones.bert_blocks import (
+    BertStyleAttention,
+    GeluIntermediate,
+    ResidualOutput,
+    TanhPooler,
+    at_least_fp32,
+    autocast_off,
+    layer_norm_at_least_fp32,
+    linear_at_least_fp32,
+)
 from villa_plugin.backbones.lxmert.config import LxmertConfig
 
 MASK_VALUE = -10000.0  # the reference's additive mask constant (HF uses finfo.min)
-
-
-# ----------------------------------------------------------------------------------------------
-# fp32 helpers (the δ contract of interfaces.md)
-# ----------------------------------------------------------------------------------------------
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _no_autocast(device: torch.device):
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    bias = None if linear.bias is None else linear.bias.to(x.dtype)
-    return F.linear(x, linear.weight.to(x.dtype), bias)
-
-
-def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
 
 
 def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -106,8 +92,8 @@ class LxmertEmbeddings(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         words = self.word_embeddings(input_ids)
         compute_dtype = words.dtype
-        with _no_autocast(words.device):
-            words = _at_least_fp32(words)
+        with autocast_off(words.device):
+            words = at_least_fp32(words)
             if delta is not None:  # VILLA text δ: before position/type and LayerNorm
                 self.perturbed_input_norm = words.detach().float().flatten(1).norm(dim=1)
                 words = words + delta.to(words.dtype)
@@ -116,7 +102,7 @@ class LxmertEmbeddings(nn.Module):
                 + self.position_embeddings(position_ids).to(words.dtype)
                 + self.token_type_embeddings(token_type_ids).to(words.dtype)
             )
-            normed = _layer_norm_fp32(self.LayerNorm, summed)
+            normed = layer_norm_at_least_fp32(self.LayerNorm, summed)
         return self.dropout(normed.to(compute_dtype))
 
 
@@ -133,11 +119,12 @@ class LxmertVisualFeatEncoder(nn.Module):
 
     def forward(self, feats: torch.Tensor, boxes: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
         compute_dtype = self.visn_fc.weight.dtype
-        with _no_autocast(feats.device):
-            feats = _at_least_fp32(feats)
+        with autocast_off(feats.device):
+            feats = at_least_fp32(feats)
             if delta is not None:  # VILLA image δ: on the raw features, before visn_fc
                 feats = feats + delta.to(feats.dtype)
-            x = _layer_norm_fp32(self.visn_layer_norm, _linear_fp32(self.visn_fc, feats)).to(compute_dtype)
+            x = layer_norm_at_least_fp32(self.visn_layer_norm, linear_at_least_fp32(self.visn_fc, feats))
+            x = x.to(compute_dtype)
         y = self.box_layer_norm(self.box_fc(boxes.to(compute_dtype)))
         return self.dropout((x + y) / 2)
 

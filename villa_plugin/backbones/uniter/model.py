@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa_plugin.backbones.bert_blocks import BertStyleAttention, GeluIntermediate, ResidualOutput, TanhPooler
+from villa_plugin.backbones.bert_blocks import (
+    BertStyleAttention,
+    GeluIntermediate,
+    ResidualOutput,
+    TanhPooler,
+    layer_norm_at_least_fp32,
+    linear_at_least_fp32,
+)
 from villa_plugin.backbones.common import check_attention_shape, check_config_keys
 from villa_plugin.common.errors import ConfigError
 
@@ -131,18 +138,6 @@ def init_uniter_weights(module: nn.Module, initializer_range: float = 0.02) -> N
 # ----------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------
-def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` in fp32 (weights upcast, autocast off): exactly ``linear(x)`` for fp32 weights."""
-    bias = None if linear.bias is None else linear.bias.float()
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x.float(), linear.weight.float(), bias)
-
-
-def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` in fp32 (weights upcast): exactly ``norm(x)`` for fp32 input and weights."""
-    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-
-
 class UniterTextEmbeddings(nn.Module):
     """``dropout(LN(word(ids) [+ delta] + position(pos_ids) + type(type_ids)))``.
 
@@ -177,7 +172,7 @@ class UniterTextEmbeddings(nn.Module):
         embeddings = (
             words + self.position_embeddings(position_ids).float() + self.token_type_embeddings(token_type_ids).float()
         )
-        return self.dropout(_layer_norm_fp32(self.LayerNorm, embeddings).to(compute_dtype))
+        return self.dropout(layer_norm_at_least_fp32(self.LayerNorm, embeddings).to(compute_dtype))
 
 
 class UniterImageEmbeddings(nn.Module):
@@ -213,10 +208,12 @@ class UniterImageEmbeddings(nn.Module):
             img_feat = img_feat + self.mask_embedding(img_masks.long()).float()
         if delta is not None:  # VILLA image perturbation: on the raw features, before img_linear
             img_feat = img_feat + delta.float()
-        transformed_im = _layer_norm_fp32(self.img_layer_norm, _linear_fp32(self.img_linear, img_feat))
-        transformed_pos = _layer_norm_fp32(self.pos_layer_norm, _linear_fp32(self.pos_linear, img_pos_feat))
+        projected = linear_at_least_fp32(self.img_linear, img_feat)
+        transformed_im = layer_norm_at_least_fp32(self.img_layer_norm, projected)
+        projected_pos = linear_at_least_fp32(self.pos_linear, img_pos_feat)
+        transformed_pos = layer_norm_at_least_fp32(self.pos_layer_norm, projected_pos)
         embeddings = transformed_im + transformed_pos + type_embeddings.float()
-        return self.dropout(_layer_norm_fp32(self.LayerNorm, embeddings).to(compute_dtype))
+        return self.dropout(layer_norm_at_least_fp32(self.LayerNorm, embeddings).to(compute_dtype))
 
 
 # ----------------------------------------------------------------------------------------------
